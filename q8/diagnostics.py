@@ -1,0 +1,153 @@
+"""Quantization fidelity: cosine similarity and SQNR of quantized tensors, per layer."""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import FLOAT_SPEC, ActivationRange, QConv2d, QLinear
+
+KINDS = ("weight", "activation", "layer_grad", "weight_grad")
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    """Cosine of the angle between two tensors seen as vectors (1.0 when both are zero)."""
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    na, nb = a.norm(), b.norm()
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(a.dot(b) / (na * nb))
+
+
+def sqnr_db(reference: Tensor, quantized: Tensor) -> float:
+    """Signal-to-quantization-noise ratio 10 log10(|ref|^2 / |ref - q|^2) in dB (inf if equal)."""
+    ref = reference.detach().double()
+    noise = (ref - quantized.detach().double()).pow(2).sum()
+    signal = ref.pow(2).sum()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return float(10 * torch.log10(signal / noise))
+
+
+def cosine_bound(bits: int, n: int) -> float:
+    """METHOD.md section 4: lower bound of cos(w, Q(w)) for n i.i.d. Gaussian entries at `bits`."""
+    return 2**bits / (2**bits + math.sqrt(math.log(n)) / math.sqrt(6))
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
+
+
+@contextmanager
+def _preserved(model: nn.Module) -> Iterator[None]:
+    """Run diagnostics without side effects: buffers (running statistics, ranges), specs and
+    the RNG come back as they were."""
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    specs = {m: m.spec for m in model.modules() if isinstance(m, ActivationRange)}
+    rng = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(buffers[k])
+        for m, spec in specs.items():
+            m.spec, m.probe = spec, None
+        torch.set_rng_state(rng)
+
+
+def _backward_pass(model, inputs, targets, loss_fn, params) -> dict:
+    loss = loss_fn(model(inputs), targets)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return dict(zip(params, grads))
+
+
+def layer_fidelity(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable = F.cross_entropy
+) -> list[dict]:
+    """Per quantized layer and tensor kind, for one batch in training mode:
+
+    cosine / sqnr_db: the quantized tensor against its full-precision version at the same
+    point of the same pass (the local quantization error);
+    shadow_cosine / shadow_sqnr_db: the quantized pass's tensor against the same tensor in a
+    full-precision pass of the same model on the same batch (errors accumulated upstream).
+    Kinds: weight, activation (layer input), layer_grad (the gradient copy that back-propagates),
+    weight_grad. The model's buffers, gradients and RNG state are left untouched.
+    """
+    layers = quantized_layers(model)
+    weights = [m.weight for _, m in layers]
+    was_training = model.training
+    model.train()
+    with _preserved(model):
+        for _, m in layers:
+            m.probe = {}
+        dw_q = _backward_pass(model, inputs, targets, loss_fn, weights)
+        probes = {name: m.probe for name, m in layers}
+        # Shadow pass: every quantized layer (and norm) computes in float; hooks record tensors.
+        for m in model.modules():
+            if isinstance(m, ActivationRange):
+                m.spec, m.probe = FLOAT_SPEC, None
+        shadow: dict[str, dict] = {name: {} for name, _ in layers}
+        handles = [m.register_forward_hook(_shadow_hook(shadow[name])) for name, m in layers]
+        try:
+            dw_f = _backward_pass(model, inputs, targets, loss_fn, weights)
+        finally:
+            for h in handles:
+                h.remove()
+    model.train(was_training)
+
+    rows = []
+    for name, m in layers:
+        probe, sh = probes[name], shadow[name]
+        shadow_of = {
+            "weight": m.weight,
+            "activation": sh.get("activation"),
+            "layer_grad": sh.get("layer_grad"),
+            "weight_grad": dw_f[m.weight],
+        }
+        for kind in KINDS:
+            if kind not in probe:
+                continue
+            full, quant = probe[kind]
+            if kind == "weight_grad":
+                quant = dw_q[m.weight]
+            row = dict(layer=name, kind=kind, numel=quant.numel(), cosine=cosine(full, quant), sqnr_db=sqnr_db(full, quant))
+            ref = shadow_of[kind]
+            if ref is not None:
+                row.update(shadow_cosine=cosine(ref, quant), shadow_sqnr_db=sqnr_db(ref, quant))
+            rows.append(row)
+    return rows
+
+
+def _shadow_hook(store: dict):
+    def hook(module, args, output):
+        store["activation"] = args[0].detach()
+        if output.requires_grad:
+            output.register_hook(lambda g: store.__setitem__("layer_grad", g.detach()))
+
+    return hook
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean cosine and SQNR per tensor kind over layers, weighted by tensor size."""
+    out: dict[str, dict[str, float]] = {}
+    for kind in KINDS:
+        sel = [r for r in rows if r["kind"] == kind]
+        if not sel:
+            continue
+        total = sum(r["numel"] for r in sel)
+        out[kind] = {
+            key: sum(r[key] * r["numel"] for r in sel) / total
+            for key in ("cosine", "shadow_cosine")
+            if all(key in r for r in sel)
+        }
+    return out

@@ -1,0 +1,497 @@
+"""Quantized layers: QConv2d, QLinear (gradients bifurcation), RangeBatchNorm2d, QBatchNorm2d.
+
+Each layer type keeps its arithmetic in one autograd Function; the products it needs live in
+an Ops object (ConvOps, LinearOps), which is the seam where an integer backend plugs in.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import LayerQuant
+from .quantize import Codes, channel_range, encode, quantize, quantize_grad, sample_mean_range, tensor_range
+
+FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
+
+
+def quantize_tensor(x: Tensor, bits: Optional[int], rounding: str, per_channel: bool = False) -> Tensor:
+    """Quantize-dequantize over x's own range (per output channel if asked); None bits = x."""
+    if bits is None:
+        return x
+    lo, hi = channel_range(x) if per_channel else tensor_range(x)
+    return encode(x, bits, lo, hi, rounding).dequantize()
+
+
+# ---- the running activation range, shared by every quantized layer ---------------------------
+
+
+class ActivationRange(nn.Module):
+    """Mixin: the input range of a layer's activation quantizer.
+
+    Training uses the batch's per-sample-mean min/max and updates a running average
+    (PyTorch's momentum convention); evaluation uses the running range. The buffer starts
+    as NaN (no batch seen), and a float checkpoint without it loads cleanly.
+    """
+
+    def _init_quant(self, spec: LayerQuant, device=None) -> None:
+        self.spec = spec
+        self.probe: Optional[dict] = None  # set by q8.diagnostics to record tensors
+        self.register_buffer("act_range", torch.full((2,), float("nan"), device=device))
+
+    def _act_bounds(self, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        if self.spec.act_bits is None:
+            return None, None
+        if self.training:
+            lo, hi = sample_mean_range(x)
+            with torch.no_grad():
+                batch = torch.stack([lo, hi]).to(self.act_range.dtype)
+                run = self.act_range
+                run.copy_(torch.where(torch.isnan(run), batch, torch.lerp(run, batch, self.spec.act_momentum)))
+            return lo, hi
+        if torch.isnan(self.act_range).any():  # never trained: the batch is all we know
+            return sample_mean_range(x)
+        return self.act_range[0], self.act_range[1]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
+        key = prefix + "act_range"
+        if key in missing:  # a float model's checkpoint: the range will be learned
+            missing.remove(key)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        bits = f"w={s.weight_bits}, a={s.act_bits}, g={s.grad_bits}, gw={s.grad_weight_bits}"
+        return f"{super().extra_repr()}, quant=({bits})"
+
+
+# ---- products ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ConvOps:
+    """The three products of a 2-d convolution."""
+
+    stride: tuple
+    padding: tuple
+    dilation: tuple
+    groups: int
+
+    def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def grad_input(self, g: Tensor, w: Tensor, x_shape) -> Tensor:
+        return torch.nn.grad.conv2d_input(x_shape, w, g, self.stride, self.padding, self.dilation, self.groups)
+
+    def grad_weight(self, x: Tensor, g: Tensor, w_shape) -> Tensor:
+        return torch.nn.grad.conv2d_weight(x, w_shape, g, self.stride, self.padding, self.dilation, self.groups)
+
+    @staticmethod
+    def grad_bias(g: Tensor) -> Tensor:
+        return g.sum((0, 2, 3))
+
+
+class LinearOps:
+    """The three products of a linear layer (any number of leading dimensions)."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def grad_input(g: Tensor, w: Tensor, x_shape) -> Tensor:
+        return g.matmul(w)
+
+    @staticmethod
+    def grad_weight(x: Tensor, g: Tensor, w_shape) -> Tensor:
+        return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+    @staticmethod
+    def grad_bias(g: Tensor) -> Tensor:
+        return g.reshape(-1, g.shape[-1]).sum(0)
+
+
+def _record(probe: Optional[dict], key: str, full: Tensor, quantized: Tensor) -> None:
+    if probe is not None:
+        probe[key] = (full.detach(), quantized.detach())
+
+
+class BifurcatedProduct(torch.autograd.Function):
+    """y = op(Q_a(x), Q_w(W)) + b, computed once; backward with two gradient copies.
+
+    g_in  = Q_grad_bits(g)        -> input gradient  (the sequential back-propagation path)
+    g_w   = Q_grad_weight_bits(g) -> weight and bias gradients (off the critical path)
+    Activation and weight quantizers are straight-through.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, ops, spec: LayerQuant, act_lo, act_hi, probe):
+        if spec.act_bits is not None:
+            x_codes = encode(x, spec.act_bits, act_lo, act_hi, spec.act_rounding, compact=True)
+            xq = x_codes.dequantize()
+            # Keep the codes, not a float copy: the saved input shrinks 4x.
+            ctx.save_for_backward(x_codes.codes, x_codes.lo, x_codes.scale)
+        else:
+            xq = x
+            ctx.save_for_backward(x)
+        wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, spec.weight_range == "channel")
+        ctx.wq, ctx.ops, ctx.spec, ctx.probe = wq, ops, spec, probe
+        ctx.x_shape, ctx.x_dtype, ctx.w_shape = x.shape, x.dtype, weight.shape
+        ctx.has_bias = bias is not None
+        _record(probe, "activation", x, xq)
+        _record(probe, "weight", weight, wq)
+        if probe is not None:
+            probe["input"] = x.detach()
+        return ops.forward(xq, wq, bias)
+
+    @staticmethod
+    def backward(ctx, g):
+        spec, ops = ctx.spec, ctx.ops
+        saved = ctx.saved_tensors
+        xq = Codes(*saved, ctx.x_dtype).dequantize() if len(saved) == 3 else saved[0]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        g_in = None
+        if need_x:
+            g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding)
+            grad_x = ops.grad_input(g_in, ctx.wq, ctx.x_shape)
+        if need_w or need_b:
+            # Without bifurcation both products share one quantized copy (one random draw).
+            g_w = g_in if (g_in is not None and not spec.bifurcated) else quantize_tensor(
+                g, spec.grad_weight_bits, spec.grad_rounding
+            )
+            if need_w:
+                grad_w = ops.grad_weight(xq, g_w, ctx.w_shape)
+            if need_b and ctx.has_bias:
+                grad_b = ops.grad_bias(g_w)
+        probe = ctx.probe
+        if probe is not None:
+            if g_in is not None:
+                _record(probe, "layer_grad", g, g_in)
+            if grad_w is not None:
+                _record(probe, "weight_grad", ops.grad_weight(probe["input"], g, ctx.w_shape), grad_w)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+class QConv2d(ActivationRange, nn.Conv2d):
+    """nn.Conv2d with quantized weights, activations and gradients (gradients bifurcation)."""
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(spec, device=self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec.is_float:
+            return super().forward(x)  # exactly nn.Conv2d
+        lo, hi = self._act_bounds(x)
+        padding = self.padding
+        if self.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        ops = ConvOps(self.stride, padding, self.dilation, self.groups)
+        return BifurcatedProduct.apply(x, self.weight, self.bias, ops, self.spec, lo, hi, self.probe)
+
+    @classmethod
+    def from_float(cls, mod: nn.Conv2d, spec: LayerQuant) -> "QConv2d":
+        new = cls(
+            mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
+            mod.groups, mod.bias is not None, mod.padding_mode, spec=spec, device="meta",
+        )
+        return _adopt(new, mod)
+
+
+class QLinear(ActivationRange, nn.Linear):
+    """nn.Linear with quantized weights, activations and gradients (gradients bifurcation)."""
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(spec, device=self.weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.spec.is_float:
+            return super().forward(x)
+        lo, hi = self._act_bounds(x)
+        return BifurcatedProduct.apply(x, self.weight, self.bias, LinearOps, self.spec, lo, hi, self.probe)
+
+    @classmethod
+    def from_float(cls, mod: nn.Linear, spec: LayerQuant) -> "QLinear":
+        new = cls(mod.in_features, mod.out_features, mod.bias is not None, spec=spec, device="meta")
+        return _adopt(new, mod)
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Give `new` the very Parameter and buffer objects of `old` (state_dict keys and optimizer
+    references stay valid) and a real act_range buffer on their device."""
+    for name, p in old.named_parameters(recurse=False):
+        setattr(new, name, p)
+    for name, b in old.named_buffers(recurse=False):
+        setattr(new, name, b)
+    device = next(old.parameters(), next(old.buffers(), torch.empty(0))).device
+    new.act_range = torch.full((2,), float("nan"), device=device)
+    new.train(old.training)
+    return new
+
+
+# ---- Range Batch Normalization ----------------------------------------------------------------
+
+# The reference code's multiplier of 1 / sqrt(2 ln m), recorded without explanation.
+REFERENCE_FACTOR = 0.5 * 0.35 * (1 + math.sqrt(math.pi * math.log(4)))
+
+
+@functools.lru_cache(maxsize=4096)
+def expected_range(m: int, constant: str = "exact") -> float:
+    """What the range of m standard normal samples is divided by to estimate sigma.
+
+    exact: E[max - min] of m i.i.d. N(0, 1), integrated numerically:
+        E[R_m] = integral of 1 - Phi(x)^m - (1 - Phi(x))^m dx.
+    paper: sqrt(2 ln m) (the asymptotic growth; leaves the output std near 0.6).
+    reference: sqrt(2 ln m) / REFERENCE_FACTOR (the reference code's scale).
+    """
+    if m < 2:
+        raise ValueError(f"Range BN needs at least 2 values per channel (chunk), got {m}")
+    if constant == "paper":
+        return math.sqrt(2 * math.log(m))
+    if constant == "reference":
+        return math.sqrt(2 * math.log(m)) / REFERENCE_FACTOR
+    if constant != "exact":
+        raise ValueError(f"constant must be 'paper', 'reference' or 'exact', got {constant!r}")
+    half = 8.0 + math.sqrt(2 * math.log(m))
+    x = torch.linspace(-half, half, 32001, dtype=torch.float64)
+    integrand = 1 - torch.exp(m * torch.special.log_ndtr(x)) - torch.exp(m * torch.special.log_ndtr(-x))
+    return float(torch.trapezoid(integrand, x))
+
+
+def chunk_sizes(n: int, chunks: int) -> tuple[int, int, int]:
+    """Split n values into at most `chunks` near-equal chunks of >= 2 values.
+
+    Returns (k, m, r): k chunks, the first r of size m + 1, the rest of size m.
+    """
+    k = max(1, min(chunks, n // 2))
+    return k, n // k, n % k
+
+
+def mean_expected_range(n: int, chunks: int, constant: str) -> float:
+    """The divisor of the mean chunk range: the mean of the chunks' expected ranges."""
+    k, m, r = chunk_sizes(n, chunks)
+    return ((k - r) * expected_range(m, constant) + r * (expected_range(m + 1, constant) if r else 0.0)) / k
+
+
+def _chunk_groups(v: Tensor, chunks: int) -> list[Tensor]:
+    """Views [C, count, size] of a [C, n] tensor: the long chunks first, then the short ones."""
+    n = v.shape[1]
+    k, m, r = chunk_sizes(n, chunks)
+    split = r * (m + 1)
+    groups = [v[:, :split].reshape(v.shape[0], r, m + 1)] if r else []
+    if k > r:
+        groups.append(v[:, split:].reshape(v.shape[0], k - r, m))
+    return groups
+
+
+def _channels_first(x: Tensor) -> Tensor:
+    """[N, C, ...] -> [C, N * ...]."""
+    return x.transpose(0, 1).reshape(x.shape[1], -1)
+
+
+def _from_channels_first(v: Tensor, like: Tensor) -> Tensor:
+    shape = (like.shape[1], like.shape[0]) + tuple(like.shape[2:])
+    return v.reshape(shape).transpose(0, 1)
+
+
+def _all_reduce(t: Tensor, op, group) -> Tensor:
+    if group is not None:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+class RangeBNFunction(torch.autograd.Function):
+    """Training-mode Range BN: y = gamma * (x - mu) / s + beta, s = sqrt((range / E)^2 + eps).
+
+    range is the mean over chunks of max - min of each channel's values; E is the matching
+    expected range of standard normals (mean_expected_range). With a process group and one
+    chunk, mean, max and min are those of the global batch; with several chunks, each process
+    contributes its own chunks. The range's gradient goes to the elements at the max and the
+    min, split evenly among ties (as torch.amax does).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, chunks, constant,
+                act: Optional[tuple], grad: Optional[tuple], group):
+        if act is not None:
+            bits, lo, hi, rounding = act
+            codes = encode(x, bits, lo, hi, rounding, compact=True)
+            xq = codes.dequantize()
+            ctx.save_for_backward(codes.codes, codes.lo, codes.scale)
+        else:
+            xq = x
+            ctx.save_for_backward(x)
+        C = x.shape[1]
+        v = _channels_first(xq)
+        n_local = v.shape[1]
+        sums = torch.stack([v.sum(1), v.new_full((C,), n_local)])
+        _all_reduce(sums, dist.ReduceOp.SUM, group)
+        mean = sums[0] / sums[1]
+        n = int(sums[1, 0].item())
+        world = dist.get_world_size(group) if group is not None else 1
+        groups = _chunk_groups(v, chunks)
+        highs = [gr.amax(2) for gr in groups]
+        lows = [gr.amin(2) for gr in groups]
+        k_local = sum(h.shape[1] for h in highs)
+        sync_range = group is not None and k_local == 1
+        if sync_range:
+            _all_reduce(highs[0], dist.ReduceOp.MAX, group)
+            _all_reduce(lows[0], dist.ReduceOp.MIN, group)
+            total_chunks, divisor = 1, mean_expected_range(n, 1, constant)
+        else:
+            total_chunks, divisor = k_local * world, mean_expected_range(n_local, chunks, constant)
+        rng = sum((h - lo).sum(1) for h, lo in zip(highs, lows))
+        if not sync_range:
+            rng = _all_reduce(rng, dist.ReduceOp.SUM, group)
+        rng = rng / total_chunks
+        sigma = rng / divisor
+        s = torch.sqrt(sigma * sigma + eps)
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_((sigma * sigma).to(running_var.dtype), factor)
+        ctx.stats = (mean, s, sigma, divisor, highs, lows, total_chunks, n)
+        ctx.weight, ctx.x_dtype, ctx.grad, ctx.group = weight, x.dtype, grad, group
+        ctx.has_codes, ctx.has_bias, ctx.chunks, ctx.sync_range = act is not None, bias is not None, chunks, sync_range
+        shape = (1, C) + (1,) * (x.dim() - 2)
+        y = (xq - mean.view(shape)) / s.view(shape)
+        if weight is not None:
+            y = y * weight.view(shape)
+        if bias is not None:
+            y = y + bias.view(shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        saved = ctx.saved_tensors
+        xq = Codes(*saved, ctx.x_dtype).dequantize() if ctx.has_codes else saved[0]
+        mean, s, sigma, divisor, highs, lows, total_chunks, n = ctx.stats
+        weight, group = ctx.weight, ctx.group
+        if ctx.grad is not None:
+            g = quantize_tensor(g, ctx.grad[0], ctx.grad[1])
+        C = xq.shape[1]
+        shape = (1, C) + (1,) * (xq.dim() - 2)
+        dims = [d for d in range(xq.dim()) if d != 1]
+        y_hat = (xq - mean.view(shape)) / s.view(shape)
+        grad_w = (g * y_hat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gy = g * weight.view(shape) if weight is not None else g
+            sums = torch.stack([gy.sum(dims), (gy * y_hat).sum(dims)])
+            _all_reduce(sums, dist.ReduceOp.SUM, group)
+            # dL/ds = -sum(gy * y_hat) / s;  ds/d(range) = sigma / (divisor * s)
+            d_range = -sums[1] / s * sigma / (divisor * s)
+            grad_x = (gy - (sums[0] / n).view(shape)) / s.view(shape)
+            parts = []
+            for gr, hi, lo in zip(_chunk_groups(_channels_first(xq), ctx.chunks), highs, lows):
+                at_hi = (gr == hi.unsqueeze(2)).to(xq.dtype)
+                at_lo = (gr == lo.unsqueeze(2)).to(xq.dtype)
+                n_hi, n_lo = at_hi.sum(2, keepdim=True), at_lo.sum(2, keepdim=True)
+                if ctx.sync_range:  # ties across processes share the gradient too
+                    _all_reduce(n_hi, dist.ReduceOp.SUM, group)
+                    _all_reduce(n_lo, dist.ReduceOp.SUM, group)
+                parts.append((at_hi / n_hi.clamp_min(1) - at_lo / n_lo.clamp_min(1)).reshape(C, -1))
+            spread = torch.cat(parts, 1) * (d_range / total_chunks).unsqueeze(1)
+            grad_x = grad_x + _from_channels_first(spread, xq)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+
+
+class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
+    """Shared by the BN variants: running-statistics factor and construction from nn.BatchNorm2d."""
+
+    def _factor(self) -> float:
+        """PyTorch's convention: momentum, or a cumulative average when momentum is None."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        """Normalize with the running statistics; input and output gradient quantized."""
+        s = self.spec
+        if s.act_bits is not None:
+            lo, hi = self._act_bounds(x)
+            x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return quantize_grad(y, s.grad_bits, s.grad_rounding)
+
+    @classmethod
+    def from_float(cls, mod: nn.BatchNorm2d, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
+        new = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats,
+                  spec=spec, device="meta", **kwargs)
+        return _adopt(new, mod)
+
+
+class RangeBatchNorm2d(_QuantizedNorm):
+    """Range Batch Normalization (METHOD.md section 3), a drop-in for nn.BatchNorm2d.
+
+    Parameters and buffers keep nn.BatchNorm2d's names; running_var holds the running mean of
+    the squared range-based scale, so evaluation is plain BN with running statistics.
+    chunks: average the range over that many chunks of each channel (any batch shape).
+    constant: "paper" | "reference" | "exact" (see expected_range).
+    spec: act_bits quantize the input, grad_bits the output gradient (None: float).
+    process_group: synchronize statistics over these processes (see sync_range_batchnorm).
+    """
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
+                 chunks: int = 1, constant: str = "exact", spec: LayerQuant = FLOAT_SPEC, process_group=None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ValueError(f"chunks must be an int >= 1, got {chunks!r}")
+        expected_range(2, constant)  # validates the name
+        self.chunks, self.constant, self.process_group = chunks, constant, process_group
+        self._init_quant(spec, device=None if device == "meta" else device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input_dim(x)
+        if not self.training and self.track_running_stats:
+            return self._eval_forward(x)
+        s = self.spec
+        factor = self._factor()
+        lo, hi = self._act_bounds(x)
+        act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
+        grad = (s.grad_bits, s.grad_rounding) if s.grad_bits is not None else None
+        group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
+        return RangeBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var, factor,
+                                     self.eps, self.chunks, self.constant, act, grad, group)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, chunks={self.chunks}, constant={self.constant}"
+
+
+class QBatchNorm2d(_QuantizedNorm):
+    """Standard BN with a quantized input and a quantized output gradient (an ablation)."""
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(spec, device=None if kwargs.get("device") == "meta" else kwargs.get("device"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training and self.track_running_stats:
+            return self._eval_forward(x)
+        s = self.spec
+        lo, hi = self._act_bounds(x)
+        if s.act_bits is not None:
+            x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
+        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding)
+
+
+def sync_range_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every RangeBatchNorm2d compute global-batch statistics over `process_group`
+    (None: the default group) when torch.distributed is initialized."""
+    for m in model.modules():
+        if isinstance(m, RangeBatchNorm2d):
+            m.process_group = process_group if process_group is not None else dist.group.WORLD
+    return model

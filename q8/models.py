@@ -1,0 +1,85 @@
+"""Float models: torchvision ResNet-18/50 and CIFAR-style ResNets. q8.convert quantizes them."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+
+class BasicBlock(nn.Module):
+    """The CIFAR ResNet block (He et al. 2016, section 4.2) with a 1x1 projection shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) for small images: three stages of n blocks, widths w, 2w, 4w."""
+
+    def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        layers, planes = [], width
+        for stage, stride in enumerate((1, 2, 2)):
+            out = width * 2**stage
+            blocks = [BasicBlock(planes, out, stride)] + [BasicBlock(out, out) for _ in range(n - 1)]
+            layers.append(nn.Sequential(*blocks))
+            planes = out
+        self.layer1, self.layer2, self.layer3 = layers
+        self.fc = nn.Linear(planes, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def _torchvision_resnet(arch: str, small_input: bool) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
+        model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes, **kwargs)
+        if small_input:  # 32x32 images: a 3x3 stride-1 stem and no max-pool
+            model.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+            model.maxpool = nn.Identity()
+        elif in_channels != 3:
+            model.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        return model
+
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18": _torchvision_resnet("resnet18", small_input=False),
+    "resnet50": _torchvision_resnet("resnet50", small_input=False),
+    "resnet18_cifar": _torchvision_resnet("resnet18", small_input=True),
+    "resnet20": lambda **kw: CifarResNet(20, **kw),
+    "resnet56": lambda **kw: CifarResNet(56, **kw),
+}
+
+
+def build(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+    """A float model by name (see MODELS); pass it through q8.convert to quantize it."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -1,0 +1,61 @@
+"""Fidelity figures: cosine / SQNR, the paper's angle bound, and the per-layer report."""
+
+import math
+
+import pytest
+import torch
+
+import q8
+from q8.diagnostics import KINDS, summarize
+from q8.models import build
+
+
+def test_cosine_and_sqnr_values():
+    a = torch.tensor([1.0, 0.0])
+    assert q8.cosine(a, a) == pytest.approx(1.0)
+    assert q8.cosine(a, torch.tensor([0.0, 2.0])) == pytest.approx(0.0)
+    assert q8.cosine(torch.zeros(3), torch.zeros(3)) == 1.0
+    assert q8.sqnr_db(a, a) == math.inf
+    assert q8.sqnr_db(torch.tensor([10.0, 0.0]), torch.tensor([9.0, 0.0])) == pytest.approx(20.0)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+@pytest.mark.parametrize("n", [1_000, 100_000])
+def test_angle_bound_holds_for_gaussian_tensors(bits, n):
+    w = torch.randn(n, dtype=torch.float64)
+    cos = q8.cosine(w, q8.quantize(w, bits))
+    bound = q8.cosine_bound(bits, n)
+    assert cos >= bound
+    print(f"M={bits} N={n}: cos={cos:.4f} >= bound={bound:.4f}")
+
+
+def test_layer_fidelity_reports_every_layer_and_has_no_side_effects():
+    model = q8.convert(build("resnet20", in_channels=1), q8.QuantConfig())
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    model(x)  # initialize running ranges
+    buffers = {k: v.clone() for k, v in model.state_dict().items()}
+    rows = q8.layer_fidelity(model, x, y)
+    layers = {r["layer"] for r in rows}
+    assert len(layers) == 22 and {r["kind"] for r in rows} == set(KINDS)
+    # conv1 gets no input gradient (its input does not require grad), so no layer_grad row
+    assert not any(r["layer"] == "conv1" and r["kind"] == "layer_grad" for r in rows)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, buffers[k]), k
+    assert all(p.grad is None for p in model.parameters())
+    s = summarize(rows)
+    assert s["weight"]["cosine"] > 0.999 and s["activation"]["cosine"] > 0.99
+    # at the top layer both passes see the same loss gradient up to 8-bit noise
+    top = [r for r in rows if r["layer"] == "fc" and r["kind"] == "layer_grad"][0]
+    assert top["shadow_cosine"] > 0.99
+
+
+def test_more_bits_more_fidelity():
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    cos = {}
+    for bits in (2, 8):
+        torch.manual_seed(0)
+        cfg = q8.QuantConfig(weight_bits=bits, act_bits=bits, grad_bits=bits, grad_weight_bits=bits)
+        rows = q8.layer_fidelity(q8.convert(build("resnet20", in_channels=1), cfg), x, y)
+        cos[bits] = summarize(rows)
+    for kind in KINDS:
+        assert cos[2][kind]["cosine"] < cos[8][kind]["cosine"], kind

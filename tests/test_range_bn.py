@@ -1,0 +1,160 @@
+"""Range BN: the formula per constant, chunks of any shape, running statistics, exact gradients."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import q8
+from q8 import LayerQuant, RangeBatchNorm2d
+from q8.layers import REFERENCE_FACTOR, QBatchNorm2d, chunk_sizes, expected_range
+
+
+def reference_range_bn(x, weight, bias, chunks, constant, eps=1e-5):
+    """Range BN written independently: per channel, split values with tensor_split, amax/amin."""
+    C = x.shape[1]
+    v = x.transpose(0, 1).reshape(C, -1)
+    n = v.shape[1]
+    k = max(1, min(chunks, n // 2))
+    parts = torch.tensor_split(v, k, dim=1)
+    rng = sum(p.amax(1) - p.amin(1) for p in parts) / k
+    if constant == "paper":
+        divisor = sum(math.sqrt(2 * math.log(p.shape[1])) for p in parts) / k
+    elif constant == "reference":
+        divisor = sum(math.sqrt(2 * math.log(p.shape[1])) / REFERENCE_FACTOR for p in parts) / k
+    else:
+        divisor = sum(expected_range(p.shape[1]) for p in parts) / k
+    sigma = rng / divisor
+    mean = v.mean(1)
+    shape = (1, C, 1, 1)
+    y = (x - mean.view(shape)) / torch.sqrt(sigma**2 + eps).view(shape)
+    return y * weight.view(shape) + bias.view(shape), mean, sigma**2
+
+
+def test_expected_range_exact_values():
+    # E[range] of 2 and 3 standard normals: 2/sqrt(pi) and 3/sqrt(pi).
+    assert expected_range(2) == pytest.approx(2 / math.sqrt(math.pi), rel=1e-6)
+    assert expected_range(3) == pytest.approx(3 / math.sqrt(math.pi), rel=1e-6)
+    samples = torch.randn(4000, 500, dtype=torch.float64)
+    mc = (samples.amax(1) - samples.amin(1)).mean().item()
+    assert expected_range(500) == pytest.approx(mc, rel=0.01)
+    with pytest.raises(ValueError, match="at least 2"):
+        expected_range(1)
+
+
+@pytest.mark.parametrize("constant", ["paper", "reference", "exact"])
+@pytest.mark.parametrize("chunks,shape", [(1, (8, 3, 5, 5)), (16, (8, 3, 5, 5)), (7, (3, 2, 5, 7)), (50, (1, 2, 3, 3))])
+def test_matches_hand_written_reference(constant, chunks, shape):
+    bn = RangeBatchNorm2d(shape[1], chunks=chunks, constant=constant)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    x = torch.randn(shape, dtype=torch.float64) * 3 + 1
+    bn = bn.double()
+    y = bn(x)
+    ref, mean, var = reference_range_bn(x, bn.weight, bn.bias, chunks, constant)
+    assert torch.allclose(y, ref, atol=1e-10)
+    assert torch.allclose(bn.running_mean, 0.1 * mean)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var)
+
+
+def test_output_std_per_constant_on_gaussian_input():
+    # One channel's range fluctuates by about 5%, so the claim is about the mean over channels.
+    x = torch.randn(64, 64, 16, 16) * 2.5 + 3
+    std = {c: RangeBatchNorm2d(64, constant=c)(x).std((0, 2, 3)).mean() for c in ("paper", "reference", "exact")}
+    assert abs(std["exact"] - 1) < 0.02  # exact: BN's scale by construction
+    assert 0.5 < std["paper"] < 0.67  # METHOD.md: about 0.55-0.67
+    assert 0.95 < std["reference"] < 1.1
+
+
+def test_chunks_with_remainders():
+    assert chunk_sizes(37, 16) == (16, 2, 5)  # 5 chunks of 3, 11 of 2
+    assert chunk_sizes(5, 16) == (2, 2, 1)  # never a chunk of fewer than 2 values
+    bn = RangeBatchNorm2d(3, chunks=16)
+    y = bn(torch.randn(1, 3, 37, 1))  # B*H*W = 37, not divisible by 16
+    assert torch.isfinite(y).all()
+
+
+def test_single_value_per_channel_is_an_error():
+    with pytest.raises(ValueError, match="at least 2 values"):
+        RangeBatchNorm2d(3)(torch.randn(1, 3, 1, 1))
+
+
+def test_eval_uses_running_statistics():
+    bn = RangeBatchNorm2d(3)
+    for _ in range(3):
+        bn(torch.randn(16, 3, 4, 4) * 2 + 1)
+    bn.eval()
+    x = torch.randn(5, 3, 4, 4)
+    ref = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert torch.equal(bn(x), ref)
+    assert bn.num_batches_tracked.item() == 3
+
+
+def test_momentum_none_is_a_cumulative_average():
+    bn = RangeBatchNorm2d(2, momentum=None)
+    xs = [torch.randn(8, 2, 3, 3) + i for i in range(3)]
+    for x in xs:
+        bn(x)
+    assert torch.allclose(bn.running_mean, torch.stack([x.mean((0, 2, 3)) for x in xs]).mean(0), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_gradcheck(chunks):
+    bn = RangeBatchNorm2d(2, chunks=chunks).double()
+    nn.init.normal_(bn.weight)
+    x = torch.randn(3, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    w = bn.weight
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: q8.layers.RangeBNFunction.apply(x, w, b, None, None, 0.0, bn.eps, chunks, "exact", None, None, None),
+        (x, w, bn.bias),
+    )
+
+
+def test_gradient_with_ties_splits_like_amax():
+    """Quantized inputs have many equal values at the max and min; the range's gradient is
+    shared among them, as autograd through amax / amin shares it."""
+    x = torch.randint(0, 4, (4, 2, 3, 3)).double().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    bn = RangeBatchNorm2d(2, chunks=2).double()
+    g = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    bn(x).backward(g)
+    ref, _, _ = reference_range_bn(x2, bn.weight, bn.bias, 2, "exact")
+    ref.backward(g)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-10)
+
+
+def test_quantized_input_and_output_gradient():
+    spec = LayerQuant(act_bits=8, grad_bits=8)
+    bn = RangeBatchNorm2d(3, spec=spec)
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    y = bn(x)
+    lo, hi = q8.sample_mean_range(x)
+    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi)
+    plain = RangeBatchNorm2d(3)
+    assert torch.allclose(y, plain(xq), atol=1e-6)
+    g = torch.randn_like(y)
+    torch.manual_seed(5)
+    y.backward(g)
+    torch.manual_seed(5)
+    gq = q8.quantize(g, 8, rounding="stochastic")
+    xq.requires_grad_()
+    plain(xq).backward(gq)
+    assert torch.allclose(x.grad, xq.grad, atol=1e-5)
+
+
+def test_state_dict_matches_batchnorm_and_float_checkpoints_load():
+    bn = nn.BatchNorm2d(4)
+    rbn = RangeBatchNorm2d(4)
+    assert set(rbn.state_dict()) == set(bn.state_dict()) | {"act_range"}
+    rbn.load_state_dict(bn.state_dict())
+
+
+def test_quantized_standard_bn():
+    spec = LayerQuant(act_bits=8, grad_bits=8)
+    qbn = QBatchNorm2d(3, spec=spec)
+    x = torch.randn(8, 3, 4, 4)
+    lo, hi = q8.sample_mean_range(x)
+    ref = nn.BatchNorm2d(3)(q8.quantize(x, 8, lo=lo, hi=hi))
+    assert torch.allclose(qbn(x), ref, atol=1e-6)
