@@ -3,11 +3,11 @@
 from .config import PRESETS, LayerQuant, QuantConfig
 from .convert import convert
 from .diagnostics import cosine, cosine_bound, layer_fidelity, sqnr_db
-from .layers import QBatchNorm2d, QConv2d, QLinear, RangeBatchNorm2d, expected_range, sync_range_batchnorm
+from .layers import QBatchNorm2d, QConv2d, QLinear, RangeBatchNorm2d, expected_range
 from .quantize import Codes, channel_range, encode, quantize, quantize_grad, sample_mean_range, tensor_range
 
 __all__ = [
     "PRESETS", "LayerQuant", "QuantConfig", "convert", "cosine", "cosine_bound", "layer_fidelity", "sqnr_db",
-    "QBatchNorm2d", "QConv2d", "QLinear", "RangeBatchNorm2d", "expected_range", "sync_range_batchnorm",
+    "QBatchNorm2d", "QConv2d", "QLinear", "RangeBatchNorm2d", "expected_range",
     "Codes", "channel_range", "encode", "quantize", "quantize_grad", "sample_mean_range", "tensor_range",
 ]

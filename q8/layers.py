@@ -441,7 +441,7 @@ class RangeBatchNorm2d(_QuantizedNorm):
     chunks: average the range over that many chunks of each channel (any batch shape).
     constant: "paper" | "reference" | "exact" (see expected_range).
     spec: act_bits quantize the input, grad_bits the output gradient (None: float).
-    process_group: synchronize statistics over these processes (see sync_range_batchnorm).
+    process_group: synchronize statistics over these processes (q8.distributed.sync_norms).
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
@@ -487,11 +487,3 @@ class QBatchNorm2d(_QuantizedNorm):
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
         return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding)
 
-
-def sync_range_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """Make every RangeBatchNorm2d compute global-batch statistics over `process_group`
-    (None: the default group) when torch.distributed is initialized."""
-    for m in model.modules():
-        if isinstance(m, RangeBatchNorm2d):
-            m.process_group = process_group if process_group is not None else dist.group.WORLD
-    return model

@@ -1,0 +1,33 @@
+"""Evaluate a checkpoint: `python evaluate.py checkpoint=<run>/last.pt [quantized=false]`.
+
+Rebuilds the model from the checkpoint's own config, prints top-1 / top-5 on the validation
+split and writes them as JSON beside the checkpoint (<name>.eval.json, or .eval-float.json).
+"""
+
+import json
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from q8.errors import Q8Error
+from q8.trainer import evaluate_checkpoint
+
+log = logging.getLogger("q8")
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    data = {k: v for k, v in cfg.data.items() if v is not None}
+    try:
+        result, path = evaluate_checkpoint(cfg.checkpoint, quantized=cfg.quantized, data=data, device=cfg.device)
+    except Q8Error as err:
+        log.error("%s", err)
+        sys.exit(1)
+    print(json.dumps(result))
+    log.info("written to %s", path)
+
+
+if __name__ == "__main__":
+    main()

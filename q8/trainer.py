@@ -1,0 +1,456 @@
+"""The training run: build, convert, train, validate, log, checkpoint, resume.
+
+`train(cfg, run_dir)` is what train.py calls and what tests call directly. Everything the run
+writes goes under run_dir: tb/ (TensorBoard), last.pt / best.pt, summary.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from . import checkpoint, data, distributed
+from . import data as data_module
+from .convert import convert
+from .diagnostics import layer_fidelity, summarize
+from .engine import correct_topk, evaluate
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, Q8Error
+from .layers import ActivationRange
+from .models import build
+from .train_config import OptimConfig, ScheduleConfig, TrainConfig, check, quant_config
+
+log = logging.getLogger("q8")
+
+# Keys that must match for a checkpoint to continue a run (the rest may change on resume,
+# e.g. trainer.epochs to extend a run or data.root after moving the files).
+RESUME_KEYS = ("model", "quant", "norm", "data.name", "data.batch_size", "data.train_subset", "seed")
+
+
+class Interrupted(Q8Error):
+    """A signal asked the run to stop; last.pt holds the state to resume from."""
+
+    def __init__(self, signum: int, step: int, path: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; {path} saved: rerun to resume")
+        self.signum = signum
+
+
+class StopFlag:
+    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag the loop checks between steps."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self):
+        for s in self.SIGNALS:
+            try:
+                self._previous[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: signals stay with whoever owns them
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+
+class LRFactor:
+    """The learning-rate multiplier at an optimizer step, in closed form (resume-proof)."""
+
+    def __init__(self, cfg: ScheduleConfig, steps_per_epoch: int, epochs: int):
+        self.cfg, self.spe, self.total = cfg, steps_per_epoch, epochs * steps_per_epoch
+
+    def __call__(self, step: int) -> float:
+        c, epoch = self.cfg, step / self.spe
+        if epoch < c.warmup_epochs:
+            return c.warmup_start + (1 - c.warmup_start) * epoch / c.warmup_epochs
+        if c.name == "step":
+            return c.gamma ** sum(epoch >= m for m in c.milestones)
+        if c.name == "cosine":
+            start = c.warmup_epochs * self.spe
+            t = min(1.0, (step - start) / max(1, self.total - start))
+            return c.min_factor + (1 - c.min_factor) * 0.5 * (1 + math.cos(math.pi * t))
+        return 1.0
+
+
+def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if (p.ndim <= 1 and not cfg.decay_norm_and_bias) else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _check_resumable(saved: dict, cfg: dict, path: Path) -> None:
+    flat_saved, flat_now = _flat(saved), _flat(cfg)
+    for key in RESUME_KEYS:
+        a = {k: v for k, v in flat_saved.items() if k == key or k.startswith(key + ".")}
+        b = {k: v for k, v in flat_now.items() if k == key or k.startswith(key + ".")}
+        if a != b:
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise CheckpointError(
+                f"{path} was written by a different run ({', '.join(diff)} differ); use a new run folder"
+            )
+
+
+class Run:
+    """The state of one training run, and the steps that move it forward."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
+        check(cfg)
+        self.cfg, self.dir = cfg, run_dir
+        self.config_dict = dataclasses.asdict(cfg)
+        t = cfg.trainer
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.rank, self.world, self.device, self._owns_group = distributed.setup(t.device)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        self.train_loader, self.val_loader, info = data.loaders(cfg.data, cfg.seed)
+        self.model = build_model(cfg, info).to(self.device)
+        if t.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.net: nn.Module = self.model
+        if self.world > 1:
+            distributed.sync_norms(self.model)
+            self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.steps_per_epoch = len(self.train_loader)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, LRFactor(cfg.schedule, self.steps_per_epoch, t.epochs)
+        )
+        self.epoch = self.step = self.batch_in_epoch = 0
+        self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, examples of the epoch so far
+        self.best_top1 = -1.0
+        self.last_val: dict = {}
+        self.wall_before = 0.0  # seconds spent by earlier (interrupted) sessions
+        self.images = 0
+        self.t0 = time.time()
+        self.resumed = self._resume()
+        self.writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed session logged after its last checkpoint.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.step if self.resumed else None)
+
+    # ---- checkpoints ----
+    def state(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": self.epoch_sums,
+            "best_top1": self.best_top1,
+            "last_val": self.last_val,
+            "wall_time_s": self.wall_before + time.time() - self.t0,
+            "images": self.images,
+            "rng": checkpoint.rng_state(),
+            "config": self.config_dict,
+        }
+
+    def save(self, best: bool = False) -> None:
+        if self.world > 1:  # every rank's RNG differs; rank 0 writes its own, all ranks wait
+            torch.distributed.barrier()
+        if self.rank == 0:
+            state = self.state()
+            checkpoint.save(state, self.dir / "last.pt")
+            if best:
+                checkpoint.save(state, self.dir / "best.pt")
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def _resume(self) -> bool:
+        path = self.dir / "last.pt"
+        if not path.exists():
+            return False
+        state = checkpoint.load(path)
+        _check_resumable(state["config"], self.config_dict, path)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"{path} does not fit this model: {str(err).splitlines()[0]}") from None
+        self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
+        self.epoch_sums, self.best_top1, self.last_val = state["epoch_sums"], state["best_top1"], state["last_val"]
+        self.wall_before, self.images = state["wall_time_s"], state["images"]
+        checkpoint.set_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        return True
+
+    # ---- logging ----
+    def scalar(self, tag: str, value: float, step: Optional[int] = None) -> None:
+        if self.writer is not None:
+            self.writer.add_scalar(tag, value, self.step if step is None else step)
+
+    def diagnostics(self, x, y) -> None:
+        rows = layer_fidelity(self.model, x, y)  # every rank runs it: synchronized norms need all
+        if self.writer is None:
+            return
+        for r in rows:
+            base = f"quant/{r['layer']}/{r['kind']}"
+            for key in ("cosine", "sqnr_db", "shadow_cosine", "shadow_sqnr_db"):
+                if key in r and math.isfinite(r[key]):
+                    self.scalar(f"{base}/{key}", r[key])
+        for kind, figures in summarize(rows).items():
+            for key, v in figures.items():
+                self.scalar(f"quant/all/{kind}/{key}", v)
+        for name, m in self.model.named_modules():
+            if isinstance(m, ActivationRange) and not torch.isnan(m.act_range).any():
+                self.scalar(f"quant/{name}/act_lo", float(m.act_range[0]))
+                self.scalar(f"quant/{name}/act_hi", float(m.act_range[1]))
+
+    # ---- the loop ----
+    def validate(self) -> bool:
+        """Evaluate now; remember the figures; True if this is the best top-1 so far."""
+        val = evaluate(self.net, self.val_loader, self.device, self.cfg.trainer.channels_last)
+        for k in ("loss", "top1", "top5"):
+            self.scalar(f"val/{k}", val[k])
+        val["step"] = self.step
+        best = val["top1"] > self.best_top1
+        self.best_top1 = max(self.best_top1, val["top1"])
+        self.last_val = val
+        return best
+
+    def train_steps(self, stop: StopFlag) -> bool:
+        """Train from the current position to the end of the epoch; False if stopped early."""
+        t, cfg = self.cfg.trainer, self.cfg
+        data.set_epoch(self.train_loader, self.epoch, self.batch_in_epoch)
+        self.net.train()
+        bar = tqdm(
+            self.train_loader, total=self.steps_per_epoch, initial=self.batch_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
+            disable=not (t.progress and self.rank == 0 and sys.stderr.isatty()),
+        )
+        for x, y in bar:
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if t.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            if t.diagnostics_every and self.step % t.diagnostics_every == 0:
+                self.diagnostics(x, y)
+            out = self.net(x)
+            loss = F.cross_entropy(out, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch {self.epoch + 1}); "
+                    f"the last good checkpoint is {self.dir / 'last.pt'}"
+                )
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            self.step += 1
+            self.batch_in_epoch += 1
+            self.images += len(y) * self.world
+            correct = correct_topk(out.detach(), y, ks=(1,))[0]
+            s = self.epoch_sums
+            s[0], s[1], s[2] = s[0] + loss.item() * len(y), s[1] + correct, s[2] + len(y)
+            if self.step % t.log_every == 0:
+                self.scalar("train/loss", loss.item())
+                self.scalar("train/top1", 100 * correct / len(y))
+                self.scalar("lr", self.optimizer.param_groups[0]["lr"])
+            bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", top1=f"{100 * s[1] / s[2]:.1f}")
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save()
+            if stop.signum is not None or (t.max_steps is not None and self.step >= t.max_steps):
+                bar.close()
+                return False
+        return True
+
+    def run(self) -> dict:
+        t = self.cfg.trainer
+        log.info(
+            "%s: %s on %s, %d steps per epoch, %d process(es), device %s",
+            self.cfg.name or "run", self.cfg.model.name, self.cfg.data.name, self.steps_per_epoch, self.world, self.device,
+        )
+        with StopFlag() as stop:
+            while self.epoch < t.epochs and (t.max_steps is None or self.step < t.max_steps):
+                epoch_start, images_start = time.time(), self.images
+                finished = self.train_steps(stop)
+                if stop.signum is not None:
+                    self.save()
+                    raise Interrupted(stop.signum, self.step, self.dir / "last.pt")
+                if not finished:
+                    break  # max_steps
+                loss_sum, correct, count = distributed.all_sum(self.epoch_sums, self.device)
+                elapsed = time.time() - epoch_start
+                self.scalar("train/epoch_loss", loss_sum / count)
+                self.scalar("train/epoch_top1", 100 * correct / count)
+                self.scalar("perf/epoch_time_s", elapsed)
+                self.scalar("perf/images_per_s", (self.images - images_start) / max(elapsed, 1e-9))
+                self.epoch, self.batch_in_epoch, self.epoch_sums = self.epoch + 1, 0, [0.0, 0.0, 0.0]
+                best = False
+                if self.epoch % t.eval_every == 0 or self.epoch == t.epochs:
+                    best = self.validate()
+                    log.info(
+                        "epoch %d/%d: train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f | %.0f s",
+                        self.epoch, t.epochs, loss_sum / count, 100 * correct / count,
+                        self.last_val["loss"], self.last_val["top1"], self.last_val["top5"], elapsed,
+                    )
+                self.save(best=best)
+        if self.last_val.get("step") != self.step:  # stopped by max_steps, or eval_every skipped it
+            self.save(best=self.validate())
+        return self.finish()
+
+    def finish(self) -> dict:
+        wall = self.wall_before + time.time() - self.t0
+        summary = {
+            "name": self.cfg.name,
+            "val_top1": self.last_val["top1"],
+            "val_top5": self.last_val["top5"],
+            "val_loss": self.last_val["loss"],
+            "best_val_top1": self.best_top1,
+            "epochs": self.epoch + (self.batch_in_epoch / self.steps_per_epoch),
+            "steps": self.step,
+            "wall_time_s": wall,
+            "images_per_s": self.images / max(wall, 1e-9),
+            "processes": self.world,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+            "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": _tv_version()},
+            "git_commit": _git_commit(),
+            "config": self.config_dict,
+        }
+        if self.rank == 0:
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            self._hparams(summary)
+            self.writer.close()
+        log.info("done: val top1 %.2f top5 %.2f (best %.2f) after %d steps, %.0f s", summary["val_top1"],
+                 summary["val_top5"], summary["best_val_top1"], self.step, wall)
+        return summary
+
+    def _hparams(self, summary: dict) -> None:
+        """hparams in the run's own event file (add_hparams would make a sub-run)."""
+        from torch.utils.tensorboard.summary import hparams
+
+        params = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in _flat(self.config_dict).items()}
+        metrics = {f"hparam/{k}": summary[k] for k in ("val_top1", "val_top5", "best_val_top1")}
+        for s in hparams(params, metrics):
+            self.writer.file_writer.add_summary(s)
+        for k, v in metrics.items():
+            self.writer.add_scalar(k, v, self.step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self._owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def build_model(cfg: TrainConfig, info: data.DatasetInfo, quantized: bool = True) -> nn.Module:
+    """The run's float model passed through q8.convert (quantized=False: every bit-width off)."""
+    model = build(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels, **cfg.model.kwargs)
+    qc = quant_config(cfg)
+    if not quantized:
+        qc = dataclasses.replace(qc, weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None, overrides={})
+    return convert(model, qc)
+
+
+def evaluate_checkpoint(path, quantized: bool = True, data: Optional[dict] = None, device: str = "auto") -> tuple[dict, Path]:
+    """Top-1 / top-5 of a checkpoint's model in eval mode on its validation split.
+
+    data: changes to the saved data config (root, val_subset, ...). The result is also written
+    beside the checkpoint as <stem>.eval.json (or <stem>.eval-float.json); returns (result, path).
+    """
+    from .train_config import from_dict
+
+    path = Path(path)
+    state = checkpoint.load(path)
+    cfg = from_dict(state["config"])
+    for key, value in (data or {}).items():
+        if not hasattr(cfg.data, key):
+            raise ConfigError(f"data.{key} is not a data setting")
+        setattr(cfg.data, key, value)
+    cfg.trainer.device = device
+    check(cfg)
+    rank, world, dev, owns = distributed.setup(device)
+    try:
+        val_loader, info = data_module.val_loader(cfg.data)
+        model = build_model(cfg, info, quantized).to(dev)
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise CheckpointError(f"{path} does not fit its own config's model: {str(err).splitlines()[0]}") from None
+        result = evaluate(model, val_loader, dev)
+    finally:
+        if owns:
+            torch.distributed.destroy_process_group()
+    result.update(checkpoint=str(path), quantized=quantized, epoch=state["epoch"], step=state["step"])
+    out = path.with_name(f"{path.stem}.eval{'' if quantized else '-float'}.json")
+    if rank == 0:
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    return result, out
+
+
+def _tv_version() -> str:
+    import torchvision
+
+    return torchvision.__version__
+
+
+def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Train (or resume) the run in run_dir and return its summary (also in summary.json)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run = Run(cfg, run_dir)
+    try:
+        return run.run()
+    finally:
+        run.close()

@@ -1,0 +1,94 @@
+"""Two CPU processes (gloo) against one process on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import q8
+from q8.distributed import sync_norms
+
+ROOT = Path(__file__).resolve().parents[1]
+GLOBAL_BATCH = 8
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
+        nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
+    )
+    # Range BN in float: every difference would come from the synchronization itself
+    return q8.convert(model, q8.QuantConfig.preset("fp32", norm="range"))
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(GLOBAL_BATCH, 3, 5, 5, generator=g), torch.randint(0, 3, (GLOBAL_BATCH,), generator=g)
+
+
+def step(model, x, y):
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stats = {n: b.clone() for n, b in model.named_buffers() if "running" in n}
+    return grads, stats
+
+
+def worker(rank, world, init_file, out):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = sync_norms(make_model())
+    ddp = nn.parallel.DistributedDataParallel(model)
+    x, y = batch()
+    share = GLOBAL_BATCH // world
+    grads, stats = step(ddp, x[rank * share : (rank + 1) * share], y[rank * share : (rank + 1) * share])
+    if rank == 0:
+        strip = lambda d: {k.removeprefix("module."): v for k, v in d.items()}  # noqa: E731
+        torch.save({"grads": strip(grads), "stats": strip(stats)}, out)
+    dist.destroy_process_group()
+
+
+def test_synchronized_range_bn_and_gradients_equal_one_process(tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(worker, args=(2, str(tmp_path / "pg"), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    want_grads, want_stats = step(make_model(), *batch())
+    for name, value in want_stats.items():
+        assert torch.allclose(got["stats"][name], value, atol=1e-6), name
+    for name, value in want_grads.items():
+        assert torch.allclose(got["grads"][name], value, atol=1e-5), name
+
+
+def test_unsynchronized_statistics_would_differ(tmp_path):
+    """The comparison above can fail: per-process Range BN gives other statistics."""
+    x, y = batch()
+    _, whole = step(make_model(), x, y)
+    _, half = step(make_model(), x[: GLOBAL_BATCH // 2], y[: GLOBAL_BATCH // 2])
+    assert not torch.allclose(whole["1.running_var"], half["1.running_var"], atol=1e-6)
+
+
+def test_torchrun_two_processes_share_one_run_folder(tmp_path):
+    from tests import fakedata
+
+    fm = fakedata.fashion_mnist(tmp_path / "fm", n_train=128, n_test=50)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
+           f"data.root={fm}", "data.batch_size=32", "data.workers=0", "data.eval_batch_size=16", "data.train_subset=null",
+           "+model.kwargs.width=4", "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["steps"] == 4  # 128 examples / global batch 32
+    assert len(list((run_dir / "tb").glob("events.*"))) == 1  # only rank 0 writes
+    subprocess.run([sys.executable, "evaluate.py", f"checkpoint={run_dir / 'last.pt'}"], cwd=ROOT, env=env, timeout=300, check=True)
+    ev = json.loads((run_dir / "last.eval.json").read_text())
+    assert ev["count"] == 50 and ev["top1"] == pytest.approx(summary["val_top1"])  # every example once
