@@ -17,17 +17,42 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LayerQuant
-from .quantize import Codes, channel_range, encode, quantize, quantize_grad, sample_mean_range, tensor_range
+from .quantize import (Codes, channel_range, fake_quantize, quantize, quantize_grad, quantize_with_codes,
+                       sample_mean_range, tensor_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
 
 
-def quantize_tensor(x: Tensor, bits: Optional[int], rounding: str, per_channel: bool = False) -> Tensor:
+def quantize_tensor(x: Tensor, bits: Optional[int], rounding: str, per_channel: bool = False, noise=None) -> Tensor:
     """Quantize-dequantize over x's own range (per output channel if asked); None bits = x."""
     if bits is None:
         return x
     lo, hi = channel_range(x) if per_channel else tensor_range(x)
-    return encode(x, bits, lo, hi, rounding).dequantize()
+    return fake_quantize(x, bits, lo, hi, rounding, noise=noise)
+
+
+def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: bool) -> tuple:
+    """(Q_grad_bits(g), Q_grad_weight_bits(g)): the two copies of gradients bifurcation.
+
+    Stochastic copies share one draw: the weight-gradient copy dithers with the low 16 bits of
+    the 24-bit uniform the input-gradient copy uses (frac(256 u)), so each copy is unbiased
+    and the second draw, the largest cost of simulated 8-bit training on a CPU, is saved.
+    Without bifurcation both products use the same copy.
+    """
+    if not spec.bifurcated:
+        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding)
+        return g_in, g_in
+    g_in = g_w = None
+    noise = None
+    if need_input:
+        if spec.grad_bits is not None and spec.grad_rounding == "stochastic":
+            noise = uniform_noise(g)
+        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, noise=noise)
+    if need_weight:
+        if noise is not None and spec.grad_weight_bits is not None:
+            noise = noise.mul_(256).frac_()
+        g_w = quantize_tensor(g, spec.grad_weight_bits, spec.grad_rounding, noise=noise)
+    return g_in, g_w
 
 
 # ---- the running activation range, shared by every quantized layer ---------------------------
@@ -87,11 +112,17 @@ class ConvOps:
     def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
-    def grad_input(self, g: Tensor, w: Tensor, x_shape) -> Tensor:
-        return torch.nn.grad.conv2d_input(x_shape, w, g, self.stride, self.padding, self.dilation, self.groups)
+    def _backward(self, g: Tensor, x: Tensor, w: Tensor, mask: list) -> tuple:
+        # The real input and weight, not expanded stand-ins: the backend would copy those.
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups, mask
+        )
 
-    def grad_weight(self, x: Tensor, g: Tensor, w_shape) -> Tensor:
-        return torch.nn.grad.conv2d_weight(x, w_shape, g, self.stride, self.padding, self.dilation, self.groups)
+    def grad_input(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return self._backward(g, x, w, [True, False, False])[0]
+
+    def grad_weight(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
+        return self._backward(g, x, w, [False, True, False])[1]
 
     @staticmethod
     def grad_bias(g: Tensor) -> Tensor:
@@ -106,11 +137,11 @@ class LinearOps:
         return F.linear(x, w, b)
 
     @staticmethod
-    def grad_input(g: Tensor, w: Tensor, x_shape) -> Tensor:
+    def grad_input(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return g.matmul(w)
 
     @staticmethod
-    def grad_weight(x: Tensor, g: Tensor, w_shape) -> Tensor:
+    def grad_weight(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
 
     @staticmethod
@@ -134,8 +165,7 @@ class BifurcatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ops, spec: LayerQuant, act_lo, act_hi, probe):
         if spec.act_bits is not None:
-            x_codes = encode(x, spec.act_bits, act_lo, act_hi, spec.act_rounding, compact=True)
-            xq = x_codes.dequantize()
+            xq, x_codes = quantize_with_codes(x, spec.act_bits, act_lo, act_hi, spec.act_rounding)
             # Keep the codes, not a float copy: the saved input shrinks 4x.
             ctx.save_for_backward(x_codes.codes, x_codes.lo, x_codes.scale)
         else:
@@ -158,17 +188,12 @@ class BifurcatedProduct(torch.autograd.Function):
         xq = Codes(*saved, ctx.x_dtype).dequantize() if len(saved) == 3 else saved[0]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        g_in = None
+        g_in, g_w = gradient_copies(g, spec, need_x, need_w or need_b)
         if need_x:
-            g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding)
-            grad_x = ops.grad_input(g_in, ctx.wq, ctx.x_shape)
+            grad_x = ops.grad_input(g_in, xq, ctx.wq)
         if need_w or need_b:
-            # Without bifurcation both products share one quantized copy (one random draw).
-            g_w = g_in if (g_in is not None and not spec.bifurcated) else quantize_tensor(
-                g, spec.grad_weight_bits, spec.grad_rounding
-            )
             if need_w:
-                grad_w = ops.grad_weight(xq, g_w, ctx.w_shape)
+                grad_w = ops.grad_weight(g_w, xq, ctx.wq)
             if need_b and ctx.has_bias:
                 grad_b = ops.grad_bias(g_w)
         probe = ctx.probe
@@ -176,7 +201,7 @@ class BifurcatedProduct(torch.autograd.Function):
             if g_in is not None:
                 _record(probe, "layer_grad", g, g_in)
             if grad_w is not None:
-                _record(probe, "weight_grad", ops.grad_weight(probe["input"], g, ctx.w_shape), grad_w)
+                _record(probe, "weight_grad", ops.grad_weight(g, probe["input"], ctx.wq), grad_w)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -310,6 +335,66 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
     return t
 
 
+class _Extrema:
+    """Each channel's max and min, per chunk, and the gradient of their mean difference.
+
+    One chunk: reductions in the input's own layout (no copy). Several: a channels-first copy
+    split into near-equal chunks (any batch shape).
+    """
+
+    def __init__(self, x: Tensor, chunks: int, group):
+        self.C, self.n = x.shape[1], x.numel() // x.shape[1]
+        self.chunks = chunk_sizes(self.n, chunks)[0]
+        self.dims = [d for d in range(x.dim()) if d != 1]
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.group = group
+        if self.chunks == 1:
+            self.highs, self.lows = [x.amax(self.dims).unsqueeze(1)], [x.amin(self.dims).unsqueeze(1)]
+            # one range per channel: under a process group, the global batch's max and min
+            _all_reduce(self.highs[0], dist.ReduceOp.MAX, group)
+            _all_reduce(self.lows[0], dist.ReduceOp.MIN, group)
+            self.total = 1
+        else:
+            groups = _chunk_groups(_channels_first(x), chunks)
+            self.highs, self.lows = [gr.amax(2) for gr in groups], [gr.amin(2) for gr in groups]
+            self.total = self.chunks * self.world  # chunks are per process
+
+    def mean_range(self) -> Tensor:
+        rng = sum((h - lo).sum(1) for h, lo in zip(self.highs, self.lows))
+        if self.chunks > 1:
+            _all_reduce(rng, dist.ReduceOp.SUM, self.group)
+        return rng / self.total
+
+    def add_grad(self, grad_x: Tensor, x: Tensor, d_range: Tensor) -> Tensor:
+        """grad_x += d_range[c] * d(mean range)/dx, shared evenly among tied extremes."""
+        shape = (1, self.C) + (1,) * (x.dim() - 2)
+        if self.chunks == 1:
+            dense = not (x.is_contiguous() and grad_x.is_contiguous())
+            inner = x[0, 0].numel()
+            for ext, sign in ((self.highs[0], 1.0), (self.lows[0], -1.0)):
+                at = x == ext.view(shape)
+                if dense:  # rare layouts: plain masked arithmetic
+                    count = at.sum(self.dims, dtype=x.dtype)
+                    _all_reduce(count, dist.ReduceOp.SUM, self.group)
+                    grad_x.add_(at * (sign * d_range / count.clamp_min(1)).view(shape))
+                    continue
+                # The extremes are few: index them instead of multiplying full-size masks.
+                where = at.view(-1).nonzero().squeeze(1)
+                channel = torch.div(where, inner, rounding_mode="floor").remainder_(self.C)
+                count = torch.bincount(channel, minlength=self.C).to(x.dtype)
+                _all_reduce(count, dist.ReduceOp.SUM, self.group)  # ties across processes share too
+                grad_x.view(-1).index_add_(0, where, (sign * d_range / count.clamp_min(1))[channel])
+            return grad_x
+        parts = []
+        for gr, hi, lo in zip(_chunk_groups(_channels_first(x), self.chunks), self.highs, self.lows):
+            at_hi = (gr == hi.unsqueeze(2)).to(x.dtype)
+            at_lo = (gr == lo.unsqueeze(2)).to(x.dtype)
+            n_hi, n_lo = at_hi.sum(2, keepdim=True), at_lo.sum(2, keepdim=True)
+            parts.append((at_hi / n_hi.clamp_min(1) - at_lo / n_lo.clamp_min(1)).reshape(self.C, -1))
+        spread = torch.cat(parts, 1) * (d_range / self.total).unsqueeze(1)
+        return grad_x.add_(_from_channels_first(spread, x))
+
+
 class RangeBNFunction(torch.autograd.Function):
     """Training-mode Range BN: y = gamma * (x - mu) / s + beta, s = sqrt((range / E)^2 + eps).
 
@@ -325,85 +410,64 @@ class RangeBNFunction(torch.autograd.Function):
                 act: Optional[tuple], grad: Optional[tuple], group):
         if act is not None:
             bits, lo, hi, rounding = act
-            codes = encode(x, bits, lo, hi, rounding, compact=True)
-            xq = codes.dequantize()
+            xq, codes = quantize_with_codes(x, bits, lo, hi, rounding)
             ctx.save_for_backward(codes.codes, codes.lo, codes.scale)
         else:
             xq = x
             ctx.save_for_backward(x)
         C = x.shape[1]
-        v = _channels_first(xq)
-        n_local = v.shape[1]
-        sums = torch.stack([v.sum(1), v.new_full((C,), n_local)])
+        dims = [d for d in range(x.dim()) if d != 1]
+        n_local = xq.numel() // C
+        sums = torch.stack([xq.sum(dims), xq.new_full((C,), n_local)])
         _all_reduce(sums, dist.ReduceOp.SUM, group)
         mean = sums[0] / sums[1]
         n = int(sums[1, 0].item())
-        world = dist.get_world_size(group) if group is not None else 1
-        groups = _chunk_groups(v, chunks)
-        highs = [gr.amax(2) for gr in groups]
-        lows = [gr.amin(2) for gr in groups]
-        k_local = sum(h.shape[1] for h in highs)
-        sync_range = group is not None and k_local == 1
-        if sync_range:
-            _all_reduce(highs[0], dist.ReduceOp.MAX, group)
-            _all_reduce(lows[0], dist.ReduceOp.MIN, group)
-            total_chunks, divisor = 1, mean_expected_range(n, 1, constant)
+        extrema = _Extrema(xq, chunks, group)
+        if extrema.chunks == 1 and n_local != n and extrema.chunks == chunks:
+            divisor = mean_expected_range(n, 1, constant)  # the global batch's single range
         else:
-            total_chunks, divisor = k_local * world, mean_expected_range(n_local, chunks, constant)
-        rng = sum((h - lo).sum(1) for h, lo in zip(highs, lows))
-        if not sync_range:
-            rng = _all_reduce(rng, dist.ReduceOp.SUM, group)
-        rng = rng / total_chunks
-        sigma = rng / divisor
+            divisor = mean_expected_range(n_local, chunks, constant)
+        sigma = extrema.mean_range() / divisor
         s = torch.sqrt(sigma * sigma + eps)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
                 running_var.lerp_((sigma * sigma).to(running_var.dtype), factor)
-        ctx.stats = (mean, s, sigma, divisor, highs, lows, total_chunks, n)
-        ctx.weight, ctx.x_dtype, ctx.grad, ctx.group = weight, x.dtype, grad, group
-        ctx.has_codes, ctx.has_bias, ctx.chunks, ctx.sync_range = act is not None, bias is not None, chunks, sync_range
+        ctx.stats = (mean, s, sigma, divisor, extrema, n)
+        ctx.weight, ctx.x_dtype, ctx.grad = weight, x.dtype, grad
+        ctx.has_codes, ctx.has_bias, ctx.group = act is not None, bias is not None, group
+        # y = x * a + c with a = gamma / s, c = beta - mean * a: one pass over the input
+        a = weight / s if weight is not None else 1 / s
+        c = -mean * a + (bias if bias is not None else 0)
         shape = (1, C) + (1,) * (x.dim() - 2)
-        y = (xq - mean.view(shape)) / s.view(shape)
-        if weight is not None:
-            y = y * weight.view(shape)
-        if bias is not None:
-            y = y + bias.view(shape)
-        return y
+        return torch.addcmul(c.view(shape), xq, a.view(shape))
 
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors
         xq = Codes(*saved, ctx.x_dtype).dequantize() if ctx.has_codes else saved[0]
-        mean, s, sigma, divisor, highs, lows, total_chunks, n = ctx.stats
+        mean, s, sigma, divisor, extrema, n = ctx.stats
         weight, group = ctx.weight, ctx.group
         if ctx.grad is not None:
             g = quantize_tensor(g, ctx.grad[0], ctx.grad[1])
         C = xq.shape[1]
         shape = (1, C) + (1,) * (xq.dim() - 2)
         dims = [d for d in range(xq.dim()) if d != 1]
-        y_hat = (xq - mean.view(shape)) / s.view(shape)
-        grad_w = (g * y_hat).sum(dims) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = g.sum(dims) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        # sums of g and g * y_hat without materializing y_hat = (x - mean) / s
+        sum_g = g.sum(dims)
+        sum_g_yhat = ((g * xq).sum(dims) - mean * sum_g) / s
+        grad_w = sum_g_yhat if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = sum_g if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            gy = g * weight.view(shape) if weight is not None else g
-            sums = torch.stack([gy.sum(dims), (gy * y_hat).sum(dims)])
+            w = weight if weight is not None else torch.ones_like(s)
+            sums = torch.stack([w * sum_g, w * sum_g_yhat])  # of gy = g * gamma
             _all_reduce(sums, dist.ReduceOp.SUM, group)
             # dL/ds = -sum(gy * y_hat) / s;  ds/d(range) = sigma / (divisor * s)
             d_range = -sums[1] / s * sigma / (divisor * s)
-            grad_x = (gy - (sums[0] / n).view(shape)) / s.view(shape)
-            parts = []
-            for gr, hi, lo in zip(_chunk_groups(_channels_first(xq), ctx.chunks), highs, lows):
-                at_hi = (gr == hi.unsqueeze(2)).to(xq.dtype)
-                at_lo = (gr == lo.unsqueeze(2)).to(xq.dtype)
-                n_hi, n_lo = at_hi.sum(2, keepdim=True), at_lo.sum(2, keepdim=True)
-                if ctx.sync_range:  # ties across processes share the gradient too
-                    _all_reduce(n_hi, dist.ReduceOp.SUM, group)
-                    _all_reduce(n_lo, dist.ReduceOp.SUM, group)
-                parts.append((at_hi / n_hi.clamp_min(1) - at_lo / n_lo.clamp_min(1)).reshape(C, -1))
-            spread = torch.cat(parts, 1) * (d_range / total_chunks).unsqueeze(1)
-            grad_x = grad_x + _from_channels_first(spread, xq)
+            # (gy - mean(gy)) / s - y_hat * ... : the range term replaces BN's variance term
+            grad_x = torch.addcmul((-sums[0] / (n * s)).view(shape), g, (w / s).view(shape))
+            extrema.add_grad(grad_x, xq, d_range)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 

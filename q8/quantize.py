@@ -9,6 +9,7 @@ check sees it. With an explicit finite range, +-Inf clip to the range's ends.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -78,13 +79,64 @@ class Codes:
     dtype: torch.dtype = torch.float32
 
     def dequantize(self) -> Tensor:
-        # One formula for every caller, so a tensor rebuilt from stored codes in backward is
-        # bit-identical to the one forward used.
-        return torch.addcmul(self.lo, self.codes.to(self.scale.dtype), self.scale).to(self.dtype)
+        return _to_values(self.codes.to(self.scale.dtype), self.lo, self.scale).to(self.dtype)
+
+
+def _to_values(positions: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
+    # The one formula from grid positions to values, applied in place: forward and a backward
+    # that rebuilds the tensor from stored codes get bit-identical values.
+    return positions.mul_(scale).add_(lo)
 
 
 def _as_tensor(v, like: Tensor) -> Tensor:
     return v.to(like.dtype) if isinstance(v, Tensor) else torch.tensor(float(v), dtype=like.dtype, device=like.device)
+
+
+_scratch = threading.local()
+
+
+def uniform_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """U[0, 1) numbers shaped like `like`, drawn into a reused buffer: a fresh large tensor
+    per call costs more in page faults than the draw itself. Valid until the next call."""
+    key = (like.device, like.dtype)
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = buffers[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+    return buf[: like.numel()].view(like.shape).uniform_(generator=generator)
+
+
+def grid_positions(
+    x: Tensor, bits: int, lo, hi, rounding: str = "nearest", generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(k, lo, scale): the integer grid positions of x as a new float tensor, k in 0..2^b - 1.
+
+    noise: the U[0, 1) numbers for stochastic rounding (default: freshly drawn).
+    """
+    x = x.detach()
+    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    xw = x.to(work_dtype)
+    lo, hi = _as_tensor(lo, xw), _as_tensor(hi, xw)
+    top = levels(bits)
+    scale = (hi - lo) / top
+    # A zero range (all-zero bias or gradient) has no step: every value maps to code 0, i.e. lo.
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    v = torch.sub(xw, lo).mul_(inv)  # a fresh tensor: the in-place ops below never touch x
+    if rounding == "nearest":
+        v.round_()
+    elif rounding == "stochastic":
+        # floor(v + u), u ~ U[0, 1): unbiased inside the range.
+        v.add_(uniform_noise(v, generator) if noise is None else noise).floor_()
+    else:
+        check_rounding(rounding)
+    return v.clamp_(0, top), lo, scale
+
+
+def fake_quantize(x: Tensor, bits: int, lo, hi, rounding: str = "nearest", generator=None, noise=None) -> Tensor:
+    """Quantize-dequantize without autograd (one new tensor)."""
+    v, lo, scale = grid_positions(x, bits, lo, hi, rounding, generator, noise)
+    return _to_values(v, lo, scale).to(x.dtype)
 
 
 def encode(
@@ -101,28 +153,23 @@ def encode(
     compact=True stores the codes as integers (uint8 up to 8 bits) for saving in backward;
     otherwise they stay float grid positions, which keep NaN.
     """
-    x = x.detach()
-    work_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    xw = x.to(work_dtype)
-    lo, hi = _as_tensor(lo, xw), _as_tensor(hi, xw)
-    top = levels(bits)
-    scale = (hi - lo) / top
-    # A zero range (all-zero bias or gradient) has no step: every value maps to code 0, i.e. lo.
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    v = (xw - lo) / safe  # a fresh tensor: the in-place ops below never touch x
-    if rounding == "nearest":
-        v.round_()
-    elif rounding == "stochastic":
-        # floor(v + u), u ~ U[0, 1): unbiased inside the range.
-        v.add_(torch.rand(v.shape, generator=generator, device=v.device, dtype=v.dtype)).floor_()
-    else:
-        check_rounding(rounding)
-    v.clamp_(0, top)
+    v, lo, scale = grid_positions(x, bits, lo, hi, rounding, generator)
     if compact:
-        # Integer codes cannot hold NaN (it becomes code 0); callers that store codes rely on
-        # the forward output, which is NaN already, to stop training.
-        v = v.to(torch.uint8 if bits <= 8 else torch.int32)
+        v = _compact(v, bits)
     return Codes(v, lo, scale, x.dtype)
+
+
+def _compact(positions: Tensor, bits: int) -> Tensor:
+    # Integer codes cannot hold NaN (it becomes code 0); callers that store codes rely on the
+    # forward output, which is NaN already, to stop training.
+    return positions.to(torch.uint8 if bits <= 8 else torch.int32)
+
+
+def quantize_with_codes(x: Tensor, bits: int, lo, hi, rounding: str = "nearest") -> tuple[Tensor, Codes]:
+    """(values, compact codes) in one pass: what a layer uses in forward and saves for backward."""
+    v, lo, scale = grid_positions(x, bits, lo, hi, rounding)
+    codes = Codes(_compact(v, bits), lo, scale, x.dtype)
+    return _to_values(v, lo, scale).to(x.dtype), codes
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -130,7 +177,7 @@ class _FakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bits, rounding, lo, hi, generator):
-        return encode(x, bits, lo, hi, rounding, generator).dequantize()
+        return fake_quantize(x, bits, lo, hi, rounding, generator)
 
     @staticmethod
     def backward(ctx, grad):
@@ -171,24 +218,16 @@ def quantize(
     return _FakeQuantize.apply(x, bits, rounding, lo, hi, generator)
 
 
-class _QuantizeGrad(torch.autograd.Function):
-    """Identity forward; quantizes the incoming gradient to `bits` over its own min/max."""
-
-    @staticmethod
-    def forward(ctx, x, bits, rounding):
-        ctx.bits, ctx.rounding = bits, rounding
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        lo, hi = tensor_range(grad)
-        return encode(grad, ctx.bits, lo, hi, ctx.rounding).dequantize(), None, None
-
-
 def quantize_grad(x: Tensor, bits: int | None, rounding: str = "stochastic") -> Tensor:
-    """Pass x through unchanged; quantize the gradient that flows back through it."""
+    """Return x; the gradient that flows back into it is quantized to `bits` over its own range.
+
+    A tensor hook, not a Function returning a view, so a following in-place op (ReLU(inplace))
+    still works; the hook sees the gradient of x's value before any such op.
+    """
     if bits is None:
         return x
     check_bits(bits)
     check_rounding(rounding)
-    return _QuantizeGrad.apply(x, bits, rounding)
+    if x.requires_grad:
+        x.register_hook(lambda g: fake_quantize(g, bits, *tensor_range(g), rounding))
+    return x

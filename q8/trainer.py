@@ -53,9 +53,10 @@ class Interrupted(Q8Error):
 
 
 class StopFlag:
-    """SIGTERM / SIGUSR1 (SLURM preemption) set a flag the loop checks between steps."""
+    """SIGTERM, SIGUSR1, SIGUSR2 (SLURM preemption, submitit's timeout warning) set a flag the loop
+    checks between steps; after saving, the signal goes on to the previous handler."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -71,6 +72,12 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         self.signum = signum
+
+    def forward(self) -> None:
+        """Hand the signal to whoever handled it before (submitit requeues the job there)."""
+        previous = self._previous.get(self.signum)
+        if callable(previous):
+            previous(self.signum, None)
 
     def __exit__(self, *exc):
         for s, h in self._previous.items():
@@ -175,6 +182,7 @@ class Run:
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, examples of the epoch so far
         self.best_top1 = -1.0
         self.last_val: dict = {}
+        self.fidelity: dict = {}  # the last diagnostics' means per tensor kind
         self.wall_before = 0.0  # seconds spent by earlier (interrupted) sessions
         self.images = 0
         self.t0 = time.time()
@@ -198,6 +206,7 @@ class Run:
             "epoch_sums": self.epoch_sums,
             "best_top1": self.best_top1,
             "last_val": self.last_val,
+            "fidelity": self.fidelity,
             "wall_time_s": self.wall_before + time.time() - self.t0,
             "images": self.images,
             "rng": checkpoint.rng_state(),
@@ -229,6 +238,7 @@ class Run:
             raise CheckpointError(f"{path} does not fit this model: {str(err).splitlines()[0]}") from None
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.epoch_sums, self.best_top1, self.last_val = state["epoch_sums"], state["best_top1"], state["last_val"]
+        self.fidelity = state.get("fidelity", {})
         self.wall_before, self.images = state["wall_time_s"], state["images"]
         checkpoint.set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
@@ -241,6 +251,7 @@ class Run:
 
     def diagnostics(self, x, y) -> None:
         rows = layer_fidelity(self.model, x, y)  # every rank runs it: synchronized norms need all
+        self.fidelity = {"step": self.step, **summarize(rows)}
         if self.writer is None:
             return
         for r in rows:
@@ -325,6 +336,7 @@ class Run:
                 finished = self.train_steps(stop)
                 if stop.signum is not None:
                     self.save()
+                    stop.forward()
                     raise Interrupted(stop.signum, self.step, self.dir / "last.pt")
                 if not finished:
                     break  # max_steps
@@ -360,6 +372,7 @@ class Run:
             "steps": self.step,
             "wall_time_s": wall,
             "images_per_s": self.images / max(wall, 1e-9),
+            "fidelity": self.fidelity,
             "processes": self.world,
             "device": str(self.device),
             "threads": torch.get_num_threads(),

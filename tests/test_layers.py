@@ -7,9 +7,19 @@ from torch import nn
 
 import q8
 from q8 import LayerQuant, QConv2d, QLinear
-from q8.quantize import encode
+from q8.quantize import fake_quantize
 
 PAPER = LayerQuant()  # 8-bit W/A/G, 16-bit weight-gradient copy
+
+
+def bifurcated_copies(g, spec, seed):
+    """The two gradient copies: one U[0, 1) draw u; the 16-bit copy dithers with frac(256 u)."""
+    torch.manual_seed(seed)
+    u = torch.rand(g.shape)
+    lo, hi = g.min(), g.max()
+    g8 = fake_quantize(g, spec.grad_bits, lo, hi, "stochastic", noise=u)
+    g16 = fake_quantize(g, spec.grad_weight_bits, lo, hi, "stochastic", noise=(u * 256).frac())
+    return g8, g16
 
 
 def hand_conv_backward(conv, x, g, spec, seed):
@@ -17,9 +27,7 @@ def hand_conv_backward(conv, x, g, spec, seed):
     lo, hi = q8.sample_mean_range(x)
     xq = q8.quantize(x.detach(), spec.act_bits, lo=lo, hi=hi)
     wq = q8.quantize(conv.weight.detach(), spec.weight_bits)
-    torch.manual_seed(seed)
-    g8 = q8.quantize(g, spec.grad_bits, rounding="stochastic")
-    g16 = q8.quantize(g, spec.grad_weight_bits, rounding="stochastic")
+    g8, g16 = bifurcated_copies(g, spec, seed)
     out = F.conv2d(xq, wq, conv.bias, conv.stride, conv.padding)
     gx = F.conv_transpose2d(g8, wq, stride=conv.stride, padding=conv.padding,
                             output_padding=[x.shape[-1] - ((g.shape[-1] - 1) * conv.stride[0] - 2 * conv.padding[0] + 3)] * 2)
@@ -52,9 +60,7 @@ def test_linear_gradients_match_matmul_and_accept_leading_dims():
     lo, hi = q8.sample_mean_range(x)
     xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi)
     wq = q8.quantize(lin.weight.detach(), 8)
-    torch.manual_seed(3)
-    g8 = q8.quantize(g, 8, rounding="stochastic")
-    g16 = q8.quantize(g, 16, rounding="stochastic")
+    g8, g16 = bifurcated_copies(g, PAPER, seed=3)
     assert torch.allclose(out, xq @ wq.t() + lin.bias, atol=1e-5)
     assert torch.allclose(x.grad, g8 @ wq, atol=1e-5)
     assert torch.allclose(lin.weight.grad, g16.reshape(-1, 4).t() @ xq.reshape(-1, 6), atol=1e-4)
@@ -76,6 +82,16 @@ def test_weight_gradient_precision_follows_grad_weight_bits():
         q(x).backward(g)
         sq[gw_bits] = q8.sqnr_db(ref, conv.weight.grad)
     assert sq[16] > 75 and sq[8] < 45 and sq[None] > 120
+
+
+def test_shared_draw_keeps_both_copies_unbiased():
+    g = torch.linspace(-1, 1, 41, dtype=torch.float64).expand(4000, -1).contiguous()
+    g_in, g_w = q8.layers.gradient_copies(g, PAPER, True, True)
+    for copy, bits in ((g_in, 8), (g_w, 16)):
+        step = 2 / (2**bits - 1)
+        assert ((copy - g).abs() < step).all()
+        assert (copy.mean(0) - g[0]).abs().max() < 4 * (step / 2) / 4000**0.5
+    assert not torch.equal(g_w, g)  # the 16-bit copy is really rounded stochastically
 
 
 def test_no_bifurcation_shares_one_gradient_copy():

@@ -161,3 +161,17 @@ def test_range_helpers():
     q = q8.quantize(w, 8, lo=lo, hi=hi)
     step = (hi - lo) / 255
     assert ((q - w).abs() <= step / 2 + 1e-7).all()
+
+
+def test_quantize_grad_survives_an_inplace_relu():
+    x = torch.randn(50, requires_grad=True)
+    y = q8.quantize_grad(x * 1.0, 2)
+    torch.relu_(y)
+    g = torch.linspace(-1, 1, 50)
+    y.backward(g)
+    # the hook quantizes the gradient of y's value before the in-place ReLU, i.e. after
+    # ReLU's backward: g * (x > 0), on a 2-bit (4-level) grid over its own range
+    masked = g * (x.detach() > 0)
+    levels4 = torch.linspace(float(masked.min()), float(masked.max()), 4)
+    assert all(torch.isclose(v, levels4, atol=1e-6).any() for v in x.grad)
+    assert (x.grad - masked).abs().max() < (levels4[1] - levels4[0])

@@ -1,0 +1,86 @@
+"""Launch a study's grid in one command: every row x every seed, through Hydra multirun.
+
+    python scripts/sweep.py imagenet --launcher slurm -- hydra.launcher.partition=gpu data.root=/data/imagenet
+    python scripts/sweep.py fmnist                 # here: Hydra's basic launcher, one run after another
+    python scripts/sweep.py bits --dry-run         # print the jobs and the commands only
+
+Run folders land in <root>/<name>/seed<k> (root: runs/<grid>), where scripts/make_tables.py finds
+them. Rerunning the same command resumes unfinished runs and skips finished ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+IMAGENET = [f"imagenet_{m}_{v}" for m in ("resnet18", "resnet50") for v in ("fp32", "int8", "int8_no_bifurcation", "int8_fp32_wgrad")]
+IMAGENET.append("imagenet_resnet50_rangebn")
+FMNIST = ["fmnist_fp32", "fmnist_int8", "fmnist_int8_no_bifurcation", "fmnist_int8_fp32_wgrad", "fmnist_int8_batchnorm",
+          "fmnist_rangebn_fp32", "fmnist_int8_rangebn_paper", "fmnist_int8_rangebn_reference"]
+GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
+WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
+
+# grid -> list of multirun sweeps: (overrides with comma lists, default seeds)
+GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
+    "imagenet": [([f"experiment={','.join(IMAGENET)}"], [0, 1, 2])],
+    "fmnist": [([f"experiment={','.join(FMNIST)}"], [0, 1, 2])],
+    "bits": [
+        (["experiment=fmnist_int8", "name=bits_grad", f"quant.grad_bits={','.join(map(str, GRAD_BITS))}"], [0]),
+        (["experiment=fmnist_int8", "name=bits_weight", f"quant.weight_bits={','.join(map(str, WEIGHT_ACT_BITS))}"], [0]),
+        (["experiment=fmnist_int8", "name=bits_act", f"quant.act_bits={','.join(map(str, WEIGHT_ACT_BITS))}"], [0]),
+    ],
+}
+
+
+def jobs(overrides: list[str], seeds: list[int]) -> list[list[str]]:
+    """The single runs a multirun expands to (the cartesian product of comma lists)."""
+    axes = [[f"{o.split('=', 1)[0]}={v}" for v in o.split("=", 1)[1].split(",")] for o in overrides]
+    axes.append([f"seed={s}" for s in seeds])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def commands(grid: str, root: Path, seeds: list[int] | None, launcher: str, extra: list[str]) -> list[tuple[list[str], list[int]]]:
+    out = []
+    for overrides, default_seeds in GRIDS[grid]:
+        use = seeds if seeds is not None else default_seeds
+        varying = [o for o in overrides if "," in o.split("=", 1)[1]]
+        # one folder per run: <root>/<name>[/<swept values>]/seed<k>
+        parts = ["${name}"] + [f"{o.split('=', 1)[0].split('.')[-1]}${{{o.split('=', 1)[0]}}}" for o in varying if not o.startswith("experiment=")]
+        cmd = [sys.executable, "train.py", "-m", *overrides, f"seed={','.join(map(str, use))}",
+               f"hydra.sweep.dir={root}", f"hydra.sweep.subdir={'/'.join(parts)}/seed${{seed}}", "trainer.progress=false"]
+        if launcher != "basic":
+            cmd.append(f"hydra/launcher={launcher}")
+        out.append((cmd + extra, use))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("grid", choices=sorted(GRIDS))
+    p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (bits: 0)")
+    p.add_argument("--launcher", default="basic", help="hydra/launcher option: basic, slurm, slurm_cpu, submitit_local")
+    p.add_argument("--root", type=Path, help="default: runs/<grid>")
+    p.add_argument("--dry-run", action="store_true", help="print the jobs and commands, launch nothing")
+    p.add_argument("extra", nargs="*", help="overrides for every run (after --)")
+    args = p.parse_args(argv)
+    root = (args.root or ROOT / "runs" / args.grid).resolve()
+    failed = 0
+    for cmd, seeds in commands(args.grid, root, args.seeds, args.launcher, args.extra):
+        expanded = jobs([c for c in cmd[3:] if "," in c.split("=", 1)[-1] and not c.startswith("seed=")], seeds)
+        print(f"# {len(expanded)} jobs:")
+        for job in expanded:
+            print("#   " + " ".join(job))
+        print(shlex.join(cmd), flush=True)
+        if not args.dry_run:
+            failed += subprocess.run(cmd, cwd=ROOT).returncode != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The sweep launcher's dry run, and tables that are a pure function of the run folders."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts import make_tables, sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_dry_run_lists_every_job_without_launching(tmp_path):
+    p = subprocess.run([sys.executable, "scripts/sweep.py", "imagenet", "--dry-run", "--launcher", "slurm",
+                        "--root", str(tmp_path), "--", "data.root=/data"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert "# 27 jobs:" in p.stdout  # 9 rows x 3 seeds
+    assert "hydra/launcher=slurm" in p.stdout and "experiment=imagenet_resnet18_fp32,imagenet_resnet18_int8" in p.stdout
+    assert not any(tmp_path.iterdir())
+
+
+def test_every_grid_row_is_an_experiment():
+    experiments = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
+    assert set(sweep.IMAGENET) <= experiments and set(sweep.FMNIST) <= experiments
+    assert {name for _, _, name in make_tables.PAPER_ROWS} <= set(sweep.IMAGENET)
+    assert [n for n, _ in make_tables.FMNIST_ROWS] == sweep.FMNIST
+
+
+def fake_run(root: Path, name: str, seed: int, top1: float, **quant):
+    d = root / name / f"seed{seed}"
+    d.mkdir(parents=True)
+    config = {"model": {"name": "resnet20", "kwargs": {"width": 8}}, "data": {"train_subset": 100, "batch_size": 8},
+              "trainer": {"epochs": 1}, "schedule": {"name": "cosine", "warmup_epochs": 1},
+              "optim": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}, "quant": {"grad_bits": 8, **quant}, "seed": seed}
+    fidelity = {k: {"cosine": 0.9, "shadow_cosine": 0.8} for k in ("weight", "activation", "layer_grad", "weight_grad")}
+    (d / "summary.json").write_text(json.dumps({
+        "name": name, "val_top1": top1, "val_top5": 99.0, "wall_time_s": 10.0, "config": config, "fidelity": fidelity,
+        "machine": {"processor": "cpu", "platform": "linux"}, "threads": 1, "versions": {"torch": "x"}, "git_commit": "abc"}))
+
+
+def test_tables_are_byte_identical_on_rerun_and_show_mean_std_n(tmp_path):
+    runs = tmp_path / "runs"
+    for seed, top1 in enumerate((90.0, 91.0, 92.0)):
+        fake_run(runs, "fmnist_int8", seed, top1)
+    fake_run(runs, "imagenet_resnet50_int8", 0, 70.0)
+    fake_run(runs, "bits_grad", 0, 80.0, grad_bits=4)
+    out1, out2 = tmp_path / "a", tmp_path / "b"
+    make_tables.main(["--runs", str(runs), "--out", str(out1)])
+    make_tables.main(["--runs", str(runs), "--out", str(out2)])
+    for name in ("paper_table.md", "fmnist.md", "bits.md", "fmnist.png", "bits.png"):
+        assert (out1 / name).read_bytes() == (out2 / name).read_bytes(), name
+    fm = (out1 / "fmnist.md").read_text()
+    assert "91.00 +- 1.00 (n=3)" in fm and "`fmnist_int8/seed0`" in fm
+    paper = (out1 / "paper_table.md").read_text()
+    assert "read from figure, approx." in paper and "71.6" in paper and "70.00 +- 0.00 (n=1)" in paper
+    assert paper.count("not run here") == 4
+    assert "| 4 | 80.00 +- 0.00 (n=1) |" in (out1 / "bits.md").read_text()
