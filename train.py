@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from q8.errors import Q8Error
@@ -43,6 +44,8 @@ def main(cfg: DictConfig) -> float:
         sys.exit(128 + err.signum)
     except Q8Error as err:
         log.error("%s", err)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # the sweep goes on with its other jobs and fails at the end
         sys.exit(1)
     print(f"val top1 {summary['val_top1']:.2f}  top5 {summary['val_top5']:.2f}  ({run_dir})")
     return summary["val_top1"]

@@ -364,6 +364,7 @@ class Run:
         wall = self.wall_before + time.time() - self.t0
         summary = {
             "name": self.cfg.name,
+            "status": "finished",
             "val_top1": self.last_val["top1"],
             "val_top5": self.last_val["top5"],
             "val_loss": self.last_val["loss"],
@@ -388,6 +389,14 @@ class Run:
         log.info("done: val top1 %.2f top5 %.2f (best %.2f) after %d steps, %.0f s", summary["val_top1"],
                  summary["val_top5"], summary["best_val_top1"], self.step, wall)
         return summary
+
+    def record_failure(self, err: Exception) -> None:
+        """summary.json for a run that stopped on an error (status 'diverged')."""
+        if self.rank == 0:
+            summary = {"name": self.cfg.name, "status": "diverged", "error": str(err), "steps": self.step,
+                       "val_top1": None, "val_top5": None, "wall_time_s": self.wall_before + time.time() - self.t0,
+                       "fidelity": self.fidelity, "config": self.config_dict}
+            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     def _hparams(self, summary: dict) -> None:
         """hparams in the run's own event file (add_hparams would make a sub-run)."""
@@ -465,5 +474,8 @@ def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     run = Run(cfg, run_dir)
     try:
         return run.run()
+    except NonFiniteLossError as err:
+        run.record_failure(err)  # a diverged run is a result too: the tables show it
+        raise
     finally:
         run.close()
