@@ -7,7 +7,7 @@ from typing import Callable, Optional
 from torch import nn
 
 from .config import QuantConfig
-from .layers import QBatchNorm2d, QConv2d, QLinear, RangeBatchNorm2d
+from .layers import QBatchNorm2d, QConv2d, QLinear, QReLU, RangeBatchNorm2d
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 
@@ -19,6 +19,8 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> nn.Module:
     forward in ways a quantized layer would silently drop.
     """
     kind = type(module)
+    if kind is nn.ReLU:  # same gradients, a 1-byte mask saved instead of a float output
+        return module if config.is_float else QReLU(module.inplace)
     if kind not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d):
         return module
     spec = config.for_layer(name)
@@ -38,7 +40,8 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> nn.Module:
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None
 ) -> nn.Module:
-    """Swap nn.Conv2d, nn.Linear and nn.BatchNorm2d of `model` in place (post-order) and return it.
+    """Swap nn.Conv2d, nn.Linear and nn.BatchNorm2d (and nn.ReLU, when anything is quantized)
+    of `model` in place (post-order) and return it.
 
     The new layers reuse the original Parameter and buffer objects, so state_dict keys and
     optimizer references stay valid. module_filter_fn(module, fqn) -> False keeps a layer

@@ -264,6 +264,33 @@ def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     return new
 
 
+class ReLUFunction(torch.autograd.Function):
+    """max(x, 0) that keeps a 1-byte mask for backward instead of a float copy of its output."""
+
+    @staticmethod
+    def forward(ctx, x, inplace: bool):
+        if inplace:
+            ctx.mark_dirty(x)
+            out = x.clamp_min_(0)
+        else:
+            out = x.clamp_min(0)
+        ctx.save_for_backward(out > 0)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (mask,) = ctx.saved_tensors
+        return g * mask, None
+
+
+class QReLU(nn.ReLU):
+    """nn.ReLU with exactly its gradients, saving a bool mask (1 byte) rather than a float
+    output (4 bytes): beside 8-bit codes, a float ReLU output would dominate saved memory."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return ReLUFunction.apply(x, self.inplace)
+
+
 # ---- Range Batch Normalization ----------------------------------------------------------------
 
 # The reference code's multiplier of 1 / sqrt(2 ln m), recorded without explanation.

@@ -4,9 +4,10 @@
     python -m scripts.bench --models resnet18_cifar --steps 5
 
 Step time: median of --steps timed steps after --warmup, all configurations in one process.
-Peak memory: a fresh subprocess per configuration; on CPU the growth of peak RSS over the
-RSS before the first step (model, optimizer state, activations, temporaries), on CUDA
-torch.cuda.max_memory_allocated. The last line gives, for the first model,
+Peak memory: a fresh subprocess per configuration; on CPU the peak RSS of two steps (VmHWM,
+reset before them) over the RSS before them, with glibc returning every tensor-sized block
+when it is freed (MALLOC_MMAP_THRESHOLD_), so it measures live memory: activations saved for
+backward, gradients, optimizer state, temporaries. On CUDA torch.cuda.max_memory_allocated. The last line gives, for the first model,
 `int8/fp32=<x> int8/reference=<y> mem_int8/fp32=<z>`.
 """
 
@@ -16,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -156,12 +156,12 @@ def time_steps(config, model_name, device, warmup, steps) -> float:
     return statistics.median(times)
 
 
-def _rss_bytes() -> int:
+def _status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    return 0
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
 def measure_memory(config, model_name, device) -> int:
@@ -178,16 +178,21 @@ def measure_memory(config, model_name, device) -> int:
             step()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
-    base = _rss_bytes()
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak (VmHWM) to the current RSS: import-time peaks don't count
     for _ in range(2):
         step()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _status_bytes("VmHWM") - base
 
 
 def memory_in_subprocess(config, model_name, device, threads) -> int:
     cmd = [sys.executable, "-m", "scripts.bench", "--measure-memory", config, model_name, "--device", str(device),
            "--threads", str(threads)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=1800)
+    # Every tensor-sized block gets its own mapping, returned to the system when freed, so
+    # the peak RSS is the peak of live memory rather than of the allocator's free lists.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True, timeout=1800, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])["bytes"]
 
 
@@ -248,8 +253,9 @@ def main(argv=None) -> None:
             f"- machine: {machine()}; device {device}, {args.threads} threads\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}\n"
             f"- step time: median of {args.steps} steps after {args.warmup} warm-up steps, one process\n"
-            "- peak memory: a fresh process per configuration; growth of peak RSS over the RSS before the "
-            "first of two steps (CPU), or max_memory_allocated (CUDA)\n"
+            "- peak memory: a fresh process per configuration; peak RSS of two steps over the RSS before them, "
+            "with glibc returning freed tensor memory (MALLOC_MMAP_THRESHOLD_=65536) (CPU), or "
+            "max_memory_allocated (CUDA)\n"
             "- fp32: the model without q8; int8: q8's paper preset (8-bit W/A/G, 16-bit weight-gradient copy, "
             "Range BN); reference: the reference code's formulation (each product computed twice, float32 "
             "weight gradient), written in scripts/bench.py\n\n" + table + "\n"

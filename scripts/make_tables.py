@@ -53,12 +53,17 @@ def load_runs(root: Path) -> list[dict]:
     return runs
 
 
-def stats(values: list[float]) -> str:
+def stats(values: list) -> str:
+    """mean +- sample std (n); runs that diverged (None) are counted, not averaged."""
     if not values:
         return "not run here"
-    mean = statistics.fmean(values)
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.2f} +- {spread:.2f} (n={len(values)})"
+    done = [v for v in values if v is not None]
+    diverged = f"{len(values) - len(done)} of {len(values)} diverged" if len(done) < len(values) else ""
+    if not done:
+        return diverged
+    mean = statistics.fmean(done)
+    spread = statistics.stdev(done) if len(done) > 1 else 0.0
+    return f"{mean:.2f} +- {spread:.2f} (n={len(done)})" + (f"; {diverged}" if diverged else "")
 
 
 def folders(runs: list[dict]) -> str:
@@ -106,8 +111,9 @@ def fmnist_table(runs: list[dict], source: str) -> str:
     for name, label in FMNIST_ROWS:
         rs = groups.get(name, [])
         wall = f"{statistics.fmean(r['wall_time_s'] for r in rs):.0f}" if rs else "-"
+        rs_top5 = [r["val_top5"] for r in rs]
         lines.append(f"| {label} (`{name}`) | {stats([r['val_top1'] for r in rs])} | "
-                     f"{stats([r['val_top5'] for r in rs])} | {wall} | {folders(rs)} |")
+                     f"{stats(rs_top5)} | {wall} | {folders(rs)} |")
     lines += ["", _provenance(runs), ""]
     return "\n".join(lines)
 
@@ -177,8 +183,10 @@ def plots(runs: list[dict], out: Path) -> None:
     present = [(n, lab) for n, lab in FMNIST_ROWS if groups.get(n)]
     if present:
         fig, ax = plt.subplots(figsize=(8, 4))
-        means = [statistics.fmean(r["val_top1"] for r in groups[n]) for n, _ in present]
-        errs = [statistics.stdev([r["val_top1"] for r in groups[n]]) if len(groups[n]) > 1 else 0 for n, _ in present]
+        done = {n: [r["val_top1"] for r in groups[n] if r["val_top1"] is not None] for n, _ in present}
+        present = [(n, lab) for n, lab in present if done[n]]
+        means = [statistics.fmean(done[n]) for n, _ in present]
+        errs = [statistics.stdev(done[n]) if len(done[n]) > 1 else 0 for n, _ in present]
         ax.barh(range(len(present)), means, xerr=errs, color="tab:blue", alpha=0.8)
         ax.set_yticks(range(len(present)), [n.removeprefix("fmnist_") for n, _ in present])
         ax.set_xlim(min(means) - 3, max(means) + 1.5)
@@ -191,8 +199,9 @@ def plots(runs: list[dict], out: Path) -> None:
     if any(rows for _, _, rows in sweeps):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for label, key, rows in sweeps:
-            if rows:
-                a1.plot([b for b, _ in rows], [statistics.fmean(r["val_top1"] for r in rs) for _, rs in rows], "o-", label=label)
+            pts = [(b, statistics.fmean(done)) for b, rs in rows if (done := [r["val_top1"] for r in rs if r["val_top1"] is not None])]
+            if pts:
+                a1.plot(*zip(*pts), "o-", label=label)
         a1.set_xlabel("bits M")
         a1.set_ylabel("validation top-1 (%)")
         a1.legend()

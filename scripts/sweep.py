@@ -61,14 +61,17 @@ def commands(grid: str, root: Path, seeds: list[int] | None, launcher: str, extr
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Overrides for every run go after --.")
     p.add_argument("grid", choices=sorted(GRIDS))
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (bits: 0)")
     p.add_argument("--launcher", default="basic", help="hydra/launcher option: basic, slurm, slurm_cpu, submitit_local")
     p.add_argument("--root", type=Path, help="default: runs/<grid>")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and commands, launch nothing")
-    p.add_argument("extra", nargs="*", help="overrides for every run (after --)")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
     root = (args.root or ROOT / "runs" / args.grid).resolve()
     failed = 0
     for cmd, seeds in commands(args.grid, root, args.seeds, args.launcher, args.extra):

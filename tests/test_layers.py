@@ -220,3 +220,18 @@ def test_float_checkpoint_loads_into_quantized_layer():
     q = QConv2d(2, 3, 3, spec=PAPER)
     q.load_state_dict(conv.state_dict())  # strict: act_range may be missing
     assert torch.equal(q.weight, conv.weight) and torch.isnan(q.act_range).all()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_qrelu_has_relus_gradients_and_saves_a_bool_mask(inplace):
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    g = torch.randn(4, 3, 5, 5)
+    y = q8.layers.QReLU(inplace)(x * 1.0)
+    y.backward(g)
+    x2 = x.detach().clone().requires_grad_()
+    F.relu(x2).backward(g)
+    assert torch.equal(y, F.relu(x.detach())) and torch.equal(x.grad, x2.grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q8.layers.QReLU(inplace)(x * 1.0)
+    assert [t.dtype for t in saved if t.shape == x.shape] == [torch.bool]

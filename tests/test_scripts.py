@@ -55,3 +55,15 @@ def test_tables_are_byte_identical_on_rerun_and_show_mean_std_n(tmp_path):
     assert "read from figure, approx." in paper and "71.6" in paper and "70.00 +- 0.00 (n=1)" in paper
     assert paper.count("not run here") == 4
     assert "| 4 | 80.00 +- 0.00 (n=1) |" in (out1 / "bits.md").read_text()
+
+
+def test_diverged_runs_are_counted_not_averaged(tmp_path):
+    runs = tmp_path / "runs"
+    fake_run(runs, "bits_grad", 0, 50.0, grad_bits=3)
+    d = runs / "bits_grad2" / "seed0"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"name": "bits_grad", "status": "diverged", "val_top1": None, "val_top5": None,
+                                                 "wall_time_s": 1.0, "fidelity": {}, "config": {"quant": {"grad_bits": 2}}}))
+    make_tables.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
+    bits = (tmp_path / "out" / "bits.md").read_text()
+    assert "| 2 | 1 of 1 diverged |" in bits and "| 3 | 50.00 +- 0.00 (n=1) |" in bits
