@@ -81,7 +81,7 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
            f"data.root={fm}", "data.batch_size=32", "data.workers=0", "data.eval_batch_size=16", "data.train_subset=null",
-           "+model.kwargs.width=4", "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
+           "++model.kwargs.width=4", "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     import json

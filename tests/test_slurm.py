@@ -42,7 +42,7 @@ def fm(tmp_path_factory):
 def sweep_cmd(fm, sweep_dir, *extra):
     return [sys.executable, "train.py", "-m", "hydra/launcher=slurm_cpu", f"hydra.sweep.dir={sweep_dir}",
             "hydra.sweep.subdir=${name}/seed${seed}", f"data.root={fm}", "data.train_subset=null", "data.batch_size=32",
-            "data.eval_batch_size=64", "data.workers=0", "+model.kwargs.width=4", "trainer.progress=false",
+            "data.eval_batch_size=64", "data.workers=0", "++model.kwargs.width=4", "trainer.progress=false",
             "trainer.threads=1", *extra]
 
 

@@ -28,7 +28,7 @@ def fm(tmp_path_factory):
 def tiny(fm, run_dir, *extra):
     return [
         f"data.root={fm}", "data.train_subset=null", "data.batch_size=32", "data.eval_batch_size=64", "data.workers=0",
-        "+model.kwargs.width=4", "trainer.epochs=2", "trainer.log_every=1", "trainer.progress=false",
+        "++model.kwargs.width=4", "trainer.epochs=2", "trainer.log_every=1", "trainer.progress=false",
         f"hydra.run.dir={run_dir}", *extra,
     ]
 
