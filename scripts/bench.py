@@ -57,7 +57,8 @@ class RefConv2d(nn.Conv2d):
     def forward(self, x):
         xq, wq = _act(x), q8.quantize(self.weight, 8)
         out1 = F.conv2d(xq.detach(), wq, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        out2 = F.conv2d(xq, wq.detach(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        bias = None if self.bias is None else self.bias.detach()  # the bias gradient comes via out1 only
+        out2 = F.conv2d(xq, wq.detach(), bias, self.stride, self.padding, self.dilation, self.groups)
         out2 = q8.quantize_grad(out2, 8)
         return out1 + out2 - out1.detach()
 
@@ -66,7 +67,8 @@ class RefLinear(nn.Linear):
     def forward(self, x):
         xq, wq = _act(x), q8.quantize(self.weight, 8)
         out1 = F.linear(xq.detach(), wq, self.bias)
-        out2 = q8.quantize_grad(F.linear(xq, wq.detach(), self.bias), 8)
+        bias = None if self.bias is None else self.bias.detach()
+        out2 = q8.quantize_grad(F.linear(xq, wq.detach(), bias), 8)
         return out1 + out2 - out1.detach()
 
 
