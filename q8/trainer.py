@@ -125,6 +125,18 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def cpu_model() -> str:
+    """The processor's name (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _git_commit() -> Optional[str]:
     try:
         root = Path(__file__).resolve().parents[1]
@@ -377,7 +389,7 @@ class Run:
             "processes": self.world,
             "device": str(self.device),
             "threads": torch.get_num_threads(),
-            "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+            "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": _tv_version()},
             "git_commit": _git_commit(),
             "config": self.config_dict,

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 import q8  # noqa: E402
 from q8.layers import expected_range  # noqa: E402
 from q8.models import build  # noqa: E402
+from q8.trainer import cpu_model  # noqa: E402
 
 MODELS = {  # name -> (builder name, input size, batch for time, batch for memory)
     "resnet18_cifar": ("resnet18_cifar", 32, 128, 256),
@@ -199,15 +200,7 @@ def memory_in_subprocess(config, model_name, device, threads) -> int:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs"
+    return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
 def main(argv=None) -> None:
