@@ -19,9 +19,9 @@ log = logging.getLogger("q8")
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    data = {k: v for k, v in cfg.data.items() if v is not None}
+    changes = {k: v for k, v in cfg.data.items() if v is not None}
     try:
-        result, path = evaluate_checkpoint(cfg.checkpoint, quantized=cfg.quantized, data=data, device=cfg.device)
+        result, path = evaluate_checkpoint(cfg.checkpoint, quantized=cfg.quantized, data_changes=changes, device=cfg.device)
     except Q8Error as err:
         log.error("%s", err)
         sys.exit(1)

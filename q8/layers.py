@@ -17,18 +17,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import LayerQuant
-from .quantize import (Codes, channel_range, fake_quantize, quantize, quantize_grad, quantize_with_codes,
-                       sample_mean_range, tensor_range, uniform_noise)
+from .quantize import (Codes, quantize, quantize_grad, quantize_tensor, quantize_with_codes, sample_mean_range,
+                       uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
-
-
-def quantize_tensor(x: Tensor, bits: Optional[int], rounding: str, per_channel: bool = False, noise=None) -> Tensor:
-    """Quantize-dequantize over x's own range (per output channel if asked); None bits = x."""
-    if bits is None:
-        return x
-    lo, hi = channel_range(x) if per_channel else tensor_range(x)
-    return fake_quantize(x, bits, lo, hi, rounding, noise=noise)
 
 
 def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: bool) -> tuple:
@@ -173,7 +165,7 @@ class BifurcatedProduct(torch.autograd.Function):
             ctx.save_for_backward(x)
         wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, spec.weight_range == "channel")
         ctx.wq, ctx.ops, ctx.spec, ctx.probe = wq, ops, spec, probe
-        ctx.x_shape, ctx.x_dtype, ctx.w_shape = x.shape, x.dtype, weight.shape
+        ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
         _record(probe, "activation", x, xq)
         _record(probe, "weight", weight, wq)
@@ -450,8 +442,9 @@ class RangeBNFunction(torch.autograd.Function):
         mean = sums[0] / sums[1]
         n = int(sums[1, 0].item())
         extrema = _Extrema(xq, chunks, group)
-        if extrema.chunks == 1 and n_local != n and extrema.chunks == chunks:
-            divisor = mean_expected_range(n, 1, constant)  # the global batch's single range
+        # one range per channel is taken over all n values (of every process); chunks are local
+        if extrema.chunks == 1:
+            divisor = mean_expected_range(n, 1, constant)
         else:
             divisor = mean_expected_range(n_local, chunks, constant)
         sigma = extrema.mean_range() / divisor

@@ -165,6 +165,14 @@ def _compact(positions: Tensor, bits: int) -> Tensor:
     return positions.to(torch.uint8 if bits <= 8 else torch.int32)
 
 
+def quantize_tensor(x: Tensor, bits: int | None, rounding: str, per_channel: bool = False, noise=None) -> Tensor:
+    """Quantize-dequantize over x's own range (per output channel if asked); None bits = x."""
+    if bits is None:
+        return x
+    lo, hi = channel_range(x) if per_channel else tensor_range(x)
+    return fake_quantize(x, bits, lo, hi, rounding, noise=noise)
+
+
 def quantize_with_codes(x: Tensor, bits: int, lo, hi, rounding: str = "nearest") -> tuple[Tensor, Codes]:
     """(values, compact codes) in one pass: what a layer uses in forward and saves for backward."""
     v, lo, scale = grid_positions(x, bits, lo, hi, rounding)
@@ -229,5 +237,5 @@ def quantize_grad(x: Tensor, bits: int | None, rounding: str = "stochastic") -> 
     check_bits(bits)
     check_rounding(rounding)
     if x.requires_grad:
-        x.register_hook(lambda g: fake_quantize(g, bits, *tensor_range(g), rounding))
+        x.register_hook(lambda g: quantize_tensor(g, bits, rounding))
     return x

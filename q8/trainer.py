@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, data, distributed
-from . import data as data_module
 from .convert import convert
 from .diagnostics import layer_fidelity, summarize
 from .engine import correct_topk, evaluate
@@ -437,10 +436,12 @@ def build_model(cfg: TrainConfig, info: data.DatasetInfo, quantized: bool = True
     return convert(model, qc)
 
 
-def evaluate_checkpoint(path, quantized: bool = True, data: Optional[dict] = None, device: str = "auto") -> tuple[dict, Path]:
+def evaluate_checkpoint(
+    path, quantized: bool = True, data_changes: Optional[dict] = None, device: str = "auto"
+) -> tuple[dict, Path]:
     """Top-1 / top-5 of a checkpoint's model in eval mode on its validation split.
 
-    data: changes to the saved data config (root, val_subset, ...). The result is also written
+    data_changes: changes to the saved data config (root, val_subset, ...). The result is also written
     beside the checkpoint as <stem>.eval.json (or <stem>.eval-float.json); returns (result, path).
     """
     from .train_config import from_dict
@@ -448,7 +449,7 @@ def evaluate_checkpoint(path, quantized: bool = True, data: Optional[dict] = Non
     path = Path(path)
     state = checkpoint.load(path)
     cfg = from_dict(state["config"])
-    for key, value in (data or {}).items():
+    for key, value in (data_changes or {}).items():
         if not hasattr(cfg.data, key):
             raise ConfigError(f"data.{key} is not a data setting")
         setattr(cfg.data, key, value)
@@ -456,7 +457,7 @@ def evaluate_checkpoint(path, quantized: bool = True, data: Optional[dict] = Non
     check(cfg)
     rank, world, dev, owns = distributed.setup(device)
     try:
-        val_loader, info = data_module.val_loader(cfg.data)
+        val_loader, info = data.val_loader(cfg.data)
         model = build_model(cfg, info, quantized).to(dev)
         try:
             model.load_state_dict(state["model"])
