@@ -5,12 +5,17 @@ For b bits over [lo, hi] the grid is lo + k * s, k = 0 .. 2^b - 1, s = (hi - lo)
 Non-finite input is propagated, never hidden: NaN stays NaN, and a data-derived
 range that holds NaN or +-Inf makes every output NaN, so a trainer's non-finite
 check sees it. With an explicit finite range, +-Inf clip to the range's ends.
+Finite input over a finite range gives finite output, however tiny the range (a step
+below the smallest normal float has no finite inverse, so positions are divided by
+the step, not multiplied by its inverse). The one limit: a range wider than the
+largest float of the working dtype (e.g. [-3e38, 3e38] in float32) has no grid.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -95,14 +100,86 @@ def _as_tensor(v, like: Tensor) -> Tensor:
 _scratch = threading.local()
 
 
+# ---- the stochastic-rounding stream -------------------------------------------------------------
+
+
+class _RoundingStreams:
+    """Generators for stochastic rounding, one per device, seeded from (seed, rank).
+
+    Unseeded, rounding draws from torch's default generator (torch.manual_seed reproduces it).
+    Seeded, it draws from streams of its own: every process of a distributed run gets its own
+    rounding noise (averaging down over processes) while model initialization and dropout stay
+    on the default generator, identical across ranks.
+    """
+
+    def __init__(self):
+        self.seed: Optional[int] = None
+        self.generators: dict[torch.device, torch.Generator] = {}
+
+    def get(self, device: torch.device) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        gen = self.generators.get(device)
+        if gen is None:
+            gen = self.generators[device] = torch.Generator(device=device)
+            gen.manual_seed(_mix(self.seed, device.index or 0))
+        return gen
+
+
+_streams = _RoundingStreams()
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 steps), so nearby seeds give unrelated streams."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+def seed_rounding(seed: Optional[int], *salt: int) -> None:
+    """Give stochastic rounding its own stream per device, from seed and salt (the process's
+    rank, and the step for a stream that needs no state to resume); None: draw from torch's
+    default generator again. In a distributed run, every process passes its own rank."""
+    _streams.seed = None if seed is None else _mix(seed, *salt, 0x51A8)
+    _streams.generators = {}
+
+
+def rounding_state() -> dict:
+    """The stochastic-rounding streams as plain data (a checkpoint can hold it)."""
+    return {"seed": _streams.seed, "devices": {str(d): g.get_state() for d, g in _streams.generators.items()}}
+
+
+def set_rounding_state(state: dict) -> None:
+    """Restore what rounding_state() returned (exact resume)."""
+    _streams.seed = state["seed"]
+    _streams.generators = {}
+    for name, gen_state in state.get("devices", {}).items():
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            continue
+        gen = _streams.get(device)
+        gen.set_state(gen_state)
+
+
 def uniform_noise(like: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """U[0, 1) numbers shaped like `like`, drawn into a reused buffer: a fresh large tensor
-    per call costs more in page faults than the draw itself. Valid until the next call."""
-    key = (like.device, like.dtype)
+    """U[0, 1) numbers (float32, or float64 for float64 input) shaped like `like`, drawn into a reused buffer: a fresh large
+    tensor per call costs more in page faults than the draw itself. Valid until the next call.
+
+    Never half precision: a half-precision draw has too few bits (in bfloat16
+    most draws are exactly 0), which would bias a 16-bit copy dithered from the same draw.
+    """
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    key = (like.device, dtype)
     buffers = _scratch.__dict__.setdefault("buffers", {})
     buf = buffers.get(key)
     if buf is None or buf.numel() < like.numel():
-        buf = buffers[key] = torch.empty(like.numel(), device=like.device, dtype=like.dtype)
+        buf = buffers[key] = torch.empty(like.numel(), device=like.device, dtype=dtype)
+    if generator is None:
+        generator = _streams.get(like.device)
     return buf[: like.numel()].view(like.shape).uniform_(generator=generator)
 
 
@@ -120,9 +197,9 @@ def grid_positions(
     lo, hi = _as_tensor(lo, xw), _as_tensor(hi, xw)
     top = levels(bits)
     scale = (hi - lo) / top
-    # A zero range (all-zero bias or gradient) has no step: every value maps to code 0, i.e. lo.
-    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    v = torch.sub(xw, lo).mul_(inv)  # a fresh tensor: the in-place ops below never touch x
+    # A zero range (all-zero bias or gradient) has no step: every value dequantizes to lo.
+    # Divide rather than multiply by 1 / scale: a tiny (subnormal) step has no finite inverse.
+    v = torch.sub(xw, lo).div_(torch.where(scale > 0, scale, torch.ones_like(scale)))
     if rounding == "nearest":
         v.round_()
     elif rounding == "stochastic":

@@ -175,3 +175,50 @@ def test_quantize_grad_survives_an_inplace_relu():
     levels4 = torch.linspace(float(masked.min()), float(masked.max()), 4)
     assert all(torch.isclose(v, levels4, atol=1e-6).any() for v in x.grad)
     assert (x.grad - masked).abs().max() < (levels4[1] - levels4[0])
+
+
+@pytest.mark.parametrize("bits,rounding", [(8, "nearest"), (8, "stochastic"), (16, "stochastic"), (1, "nearest")])
+@pytest.mark.parametrize("size", [1e-40, 1e-38, 1e-37, 1e-30])
+def test_tiny_ranges_give_finite_values_on_the_grid(bits, rounding, size):
+    """A step below the smallest normal float has no finite inverse; dividing by it works.
+    (Subnormal steps carry few significant bits: values land on the grid within 0.5% of the range.)"""
+    x = torch.tensor([0.0, size, -0.5 * size, 0.25 * size])
+    q = q8.quantize(x, bits, rounding=rounding)
+    assert torch.isfinite(q).all(), q
+    lo, hi = x.min(), x.max()
+    slack = 5e-3 * (hi - lo) + 1e-44
+    assert (q >= lo - slack).all() and (q <= hi + slack).all()
+    assert (q - x).abs().max() <= (hi - lo) * (1.0 if rounding == "stochastic" else 0.5) / levels(bits) + slack
+
+
+def test_half_precision_input_draws_full_precision_noise():
+    """A float16 or bfloat16 draw has too few bits: frac(256 u), the 16-bit copy's dither,
+    would be 0 for most bfloat16 draws (mean 0.17, not 0.5)."""
+    from q8.quantize import uniform_noise
+
+    for dtype in (torch.float16, torch.bfloat16):
+        u = uniform_noise(torch.empty(200_000, dtype=dtype)).clone()
+        assert u.dtype == torch.float32
+        dither = (u * 256).frac()
+        assert abs(dither.mean().item() - 0.5) < 0.005 and (dither == 0).float().mean() < 0.001
+        g = torch.full((200_000,), 0.3, dtype=dtype)  # a 16-bit copy of half-precision values stays unbiased
+        q = q8.quantize(g.float(), 16, rounding="stochastic", lo=-1.0, hi=1.0)
+        assert abs(q.mean().item() - g.float()[0].item()) < 2.0 / levels(16)
+
+
+def test_own_rounding_stream_per_seed_and_rank():
+    x = torch.rand(10_000)
+    draws = {}
+    for seed, rank in ((0, 0), (0, 1), (0, 0)):
+        q8.seed_rounding(seed, rank)
+        torch.manual_seed(0)  # the default generator plays no part once a rounding seed is set
+        draws.setdefault((seed, rank), []).append(q8.quantize(x, 4, rounding="stochastic", lo=0.0, hi=1.0) - x)
+    q8.seed_rounding(None)
+    a, b = draws[0, 0]
+    assert torch.equal(a, b)  # one seed, one result
+    c = draws[0, 1][0]
+    assert abs(torch.corrcoef(torch.stack([a, c]))[0, 1]) < 0.05  # another rank: independent errors
+    torch.manual_seed(3)
+    d = q8.quantize(x, 4, rounding="stochastic", lo=0.0, hi=1.0)
+    torch.manual_seed(3)
+    assert torch.equal(d, q8.quantize(x, 4, rounding="stochastic", lo=0.0, hi=1.0))  # unseeded: torch's generator
