@@ -6,6 +6,7 @@ an Ops object (ConvOps, LinearOps), which is the seam where an integer backend p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from .config import LayerQuant
 from .quantize import (Codes, quantize, quantize_grad, quantize_tensor, quantize_with_codes, sample_mean_range,
@@ -146,16 +148,38 @@ def _record(probe: Optional[dict], key: str, full: Tensor, quantized: Tensor) ->
         probe[key] = (full.detach(), quantized.detach())
 
 
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a layer's products run in: autocast's when it is on for x's device (the float
+    model would run them in it too), else x's own."""
+    kind = x.device.type
+    if kind in ("cpu", "cuda") and torch.is_autocast_enabled(kind):
+        return torch.get_autocast_dtype(kind)
+    return x.dtype
+
+
+def _no_autocast(x: Tensor):
+    """Products run with explicit dtypes; autocast must not cast them again."""
+    kind = x.device.type
+    return torch.autocast(kind, enabled=False) if kind in ("cpu", "cuda") else contextlib.nullcontext()
+
+
+def _as(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
 class BifurcatedProduct(torch.autograd.Function):
     """y = op(Q_a(x), Q_w(W)) + b, computed once; backward with two gradient copies.
 
     g_in  = Q_grad_bits(g)        -> input gradient  (the sequential back-propagation path)
     g_w   = Q_grad_weight_bits(g) -> weight and bias gradients (off the critical path)
-    Activation and weight quantizers are straight-through.
+    Activation and weight quantizers are straight-through. Quantization (ranges, rounding,
+    noise) is computed in float32 at least; the products run in compute_dtype (autocast's under
+    mixed precision), and every gradient returns in its input's own dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, ops, spec: LayerQuant, act_lo, act_hi, probe):
+        dtype = compute_dtype(x)
         if spec.act_bits is not None:
             xq, x_codes = quantize_with_codes(x, spec.act_bits, act_lo, act_hi, spec.act_rounding)
             # Keep the codes, not a float copy: the saved input shrinks 4x.
@@ -164,36 +188,38 @@ class BifurcatedProduct(torch.autograd.Function):
             xq = x
             ctx.save_for_backward(x)
         wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, spec.weight_range == "channel")
-        ctx.wq, ctx.ops, ctx.spec, ctx.probe = wq, ops, spec, probe
-        ctx.x_dtype = x.dtype
-        ctx.has_bias = bias is not None
+        ctx.wq, ctx.ops, ctx.spec, ctx.probe = _as(wq, dtype), ops, spec, probe
+        ctx.dtype, ctx.x_dtype, ctx.w_dtype = dtype, x.dtype, weight.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
         _record(probe, "activation", x, xq)
         _record(probe, "weight", weight, wq)
         if probe is not None:
             probe["input"] = x.detach()
-        return ops.forward(xq, wq, bias)
+        with _no_autocast(x):
+            return ops.forward(_as(xq, dtype), ctx.wq, _as(bias, dtype))
 
     @staticmethod
     def backward(ctx, g):
-        spec, ops = ctx.spec, ctx.ops
+        spec, ops, dtype = ctx.spec, ctx.ops, ctx.dtype
         saved = ctx.saved_tensors
-        xq = Codes(*saved, ctx.x_dtype).dequantize() if len(saved) == 3 else saved[0]
+        xq = Codes(*saved, dtype).dequantize() if len(saved) == 3 else _as(saved[0], dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
         g_in, g_w = gradient_copies(g, spec, need_x, need_w or need_b)
-        if need_x:
-            grad_x = ops.grad_input(g_in, xq, ctx.wq)
-        if need_w or need_b:
+        with _no_autocast(g):
+            if need_x:
+                grad_x = _as(ops.grad_input(_as(g_in, dtype), xq, ctx.wq), ctx.x_dtype)
             if need_w:
-                grad_w = ops.grad_weight(g_w, xq, ctx.wq)
-            if need_b and ctx.has_bias:
-                grad_b = ops.grad_bias(g_w)
-        probe = ctx.probe
-        if probe is not None:
-            if g_in is not None:
-                _record(probe, "layer_grad", g, g_in)
-            if grad_w is not None:
-                _record(probe, "weight_grad", ops.grad_weight(g, probe["input"], ctx.wq), grad_w)
+                grad_w = _as(ops.grad_weight(_as(g_w, dtype), xq, ctx.wq), ctx.w_dtype)
+            if need_b and ctx.b_dtype is not None:
+                grad_b = _as(ops.grad_bias(g_w), ctx.b_dtype)
+            probe = ctx.probe
+            if probe is not None:
+                if g_in is not None:
+                    _record(probe, "layer_grad", g, g_in)
+                if grad_w is not None:
+                    full = ops.grad_weight(_as(g, dtype), _as(probe["input"], dtype), ctx.wq)
+                    _record(probe, "weight_grad", full, grad_w)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
@@ -207,6 +233,8 @@ class QConv2d(ActivationRange, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.spec.is_float:
             return super().forward(x)  # exactly nn.Conv2d
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         lo, hi = self._act_bounds(x)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):
@@ -221,7 +249,7 @@ class QConv2d(ActivationRange, nn.Conv2d):
             mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
             mod.groups, mod.bias is not None, mod.padding_mode, spec=spec, device="meta",
         )
-        return _adopt(new, mod)
+        return adopt(new, mod)
 
 
 class QLinear(ActivationRange, nn.Linear):
@@ -240,18 +268,37 @@ class QLinear(ActivationRange, nn.Linear):
     @classmethod
     def from_float(cls, mod: nn.Linear, spec: LayerQuant) -> "QLinear":
         new = cls(mod.in_features, mod.out_features, mod.bias is not None, spec=spec, device="meta")
-        return _adopt(new, mod)
+        return adopt(new, mod)
 
 
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """Give `new` the very Parameter and buffer objects of `old` (state_dict keys and optimizer
-    references stay valid) and a real act_range buffer on their device."""
-    for name, p in old.named_parameters(recurse=False):
-        setattr(new, name, p)
-    for name, b in old.named_buffers(recurse=False):
-        setattr(new, name, b)
-    device = next(old.parameters(), next(old.buffers(), torch.empty(0))).device
-    new.act_range = torch.full((2,), float("nan"), device=device)
+# the hooks a swapped module keeps (forward, backward and state-dict hooks)
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
+def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """Make `new` stand in for `old`: the very Parameter and buffer objects of `old` (state_dict
+    keys and optimizer references stay valid), its parametrizations, hooks and train/eval mode,
+    and, for a quantized layer, an act_range buffer on their device (kept if `old` had one)."""
+    if parametrize.is_parametrized(old):
+        # torch.nn.utils.parametrize gives each parametrized module a class of its own whose
+        # properties compute the weight from `parametrizations`: rebuild it over new's class.
+        extra = {k: v for k, v in vars(type(old)).items() if k not in ("__dict__", "__weakref__", "__module__", "__doc__")}
+        new.__class__ = type(f"Parametrized{type(new).__name__}", (type(new),), extra)
+        new.parametrizations = old.parametrizations
+    for name in [n for n in new._parameters if n not in old._parameters]:
+        del new._parameters[name]  # e.g. a parametrized weight, which is no Parameter
+    new._parameters.update(old._parameters)
+    new._buffers.update(old._buffers)
+    if isinstance(new, ActivationRange) and "act_range" not in old._buffers:
+        like = next(old.parameters(), next(old.buffers(), torch.empty(0)))
+        new._buffers["act_range"] = torch.full((2,), float("nan"), device=like.device)
+    elif not isinstance(new, ActivationRange):
+        new._buffers.pop("act_range", None)
+    for attr in _HOOK_DICTS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
     new.train(old.training)
     return new
 
@@ -355,84 +402,92 @@ def _all_reduce(t: Tensor, op, group) -> Tensor:
 
 
 class _Extrema:
-    """Each channel's max and min, per chunk, and the gradient of their mean difference.
+    """Each channel's max and min (per chunk) of Range BN's input, their mean difference, and
+    where they sit, so backward can route the range's gradient to those elements.
 
-    One chunk: reductions in the input's own layout (no copy). Several: a channels-first copy
-    split into near-equal chunks (any batch shape).
+    The extremes are found in forward, on the input before the activation quantizer: its
+    8-bit grid clips the tails (the per-sample-mean range), and the range of the clipped
+    values would underestimate sigma (METHOD.md section 3). One chunk: reductions in the
+    input's own layout (no copy). Several: a channels-first copy split into near-equal chunks.
     """
 
     def __init__(self, x: Tensor, chunks: int, group):
-        self.C, self.n = x.shape[1], x.numel() // x.shape[1]
+        C = x.shape[1]
+        self.n = x.numel() // C
         self.chunks = chunk_sizes(self.n, chunks)[0]
-        self.dims = [d for d in range(x.dim()) if d != 1]
-        self.world = dist.get_world_size(group) if group is not None else 1
-        self.group = group
+        world = dist.get_world_size(group) if group is not None else 1
+        self.points = []  # (index tuple into x, channel, signed share of the range gradient)
         if self.chunks == 1:
-            self.highs, self.lows = [x.amax(self.dims).unsqueeze(1)], [x.amin(self.dims).unsqueeze(1)]
+            dims = [d for d in range(x.dim()) if d != 1]
+            hi, lo = x.amax(dims), x.amin(dims)
             # one range per channel: under a process group, the global batch's max and min
-            _all_reduce(self.highs[0], dist.ReduceOp.MAX, group)
-            _all_reduce(self.lows[0], dist.ReduceOp.MIN, group)
-            self.total = 1
-        else:
-            groups = _chunk_groups(_channels_first(x), chunks)
-            self.highs, self.lows = [gr.amax(2) for gr in groups], [gr.amin(2) for gr in groups]
-            self.total = self.chunks * self.world  # chunks are per process
+            _all_reduce(hi, dist.ReduceOp.MAX, group)
+            _all_reduce(lo, dist.ReduceOp.MIN, group)
+            self.range_sum, self.total = hi - lo, 1
+            shape = (1, C) + (1,) * (x.dim() - 2)
+            for ext, sign in ((hi, 1.0), (lo, -1.0)):
+                where = (x == ext.view(shape)).nonzero(as_tuple=True)  # few: the extremes and ties
+                count = torch.bincount(where[1], minlength=C).to(x.dtype)
+                _all_reduce(count, dist.ReduceOp.SUM, group)  # ties across processes share too
+                self.points.append((where, where[1], sign / count.clamp_min(1)[where[1]]))
+            return
+        k, m, r = chunk_sizes(self.n, chunks)
+        self.range_sum = x.new_zeros(C)
+        offset = 0
+        for gr in _chunk_groups(_channels_first(x), chunks):  # [C, count, size] views
+            size = gr.shape[2]
+            for ext, sign in ((gr.amax(2), 1.0), (gr.amin(2), -1.0)):
+                self.range_sum += sign * ext.sum(1)
+                at = gr == ext.unsqueeze(2)
+                c, chunk, j = at.nonzero(as_tuple=True)
+                count = at.sum(2)[c, chunk].to(x.dtype)
+                position = offset + chunk * size + j  # in the channel's n values: (batch, spatial...)
+                batch_and_space = torch.unravel_index(position, (x.shape[0],) + tuple(x.shape[2:]))
+                where = (batch_and_space[0], c) + tuple(batch_and_space[1:])
+                self.points.append((where, c, sign / count))
+            offset += gr.shape[1] * size
+        _all_reduce(self.range_sum, dist.ReduceOp.SUM, group)
+        self.total = self.chunks * world  # chunks are per process
 
     def mean_range(self) -> Tensor:
-        rng = sum((h - lo).sum(1) for h, lo in zip(self.highs, self.lows))
-        if self.chunks > 1:
-            _all_reduce(rng, dist.ReduceOp.SUM, self.group)
-        return rng / self.total
+        return self.range_sum / self.total
 
-    def add_grad(self, grad_x: Tensor, x: Tensor, d_range: Tensor) -> Tensor:
+    def add_grad(self, grad_x: Tensor, d_range: Tensor) -> Tensor:
         """grad_x += d_range[c] * d(mean range)/dx, shared evenly among tied extremes."""
-        shape = (1, self.C) + (1,) * (x.dim() - 2)
-        if self.chunks == 1:
-            dense = not (x.is_contiguous() and grad_x.is_contiguous())
-            inner = x[0, 0].numel()
-            for ext, sign in ((self.highs[0], 1.0), (self.lows[0], -1.0)):
-                at = x == ext.view(shape)
-                if dense:  # rare layouts: plain masked arithmetic
-                    count = at.sum(self.dims, dtype=x.dtype)
-                    _all_reduce(count, dist.ReduceOp.SUM, self.group)
-                    grad_x.add_(at * (sign * d_range / count.clamp_min(1)).view(shape))
-                    continue
-                # The extremes are few: index them instead of multiplying full-size masks.
-                where = at.view(-1).nonzero().squeeze(1)
-                channel = torch.div(where, inner, rounding_mode="floor").remainder_(self.C)
-                count = torch.bincount(channel, minlength=self.C).to(x.dtype)
-                _all_reduce(count, dist.ReduceOp.SUM, self.group)  # ties across processes share too
-                grad_x.view(-1).index_add_(0, where, (sign * d_range / count.clamp_min(1))[channel])
-            return grad_x
-        parts = []
-        for gr, hi, lo in zip(_chunk_groups(_channels_first(x), self.chunks), self.highs, self.lows):
-            at_hi = (gr == hi.unsqueeze(2)).to(x.dtype)
-            at_lo = (gr == lo.unsqueeze(2)).to(x.dtype)
-            n_hi, n_lo = at_hi.sum(2, keepdim=True), at_lo.sum(2, keepdim=True)
-            parts.append((at_hi / n_hi.clamp_min(1) - at_lo / n_lo.clamp_min(1)).reshape(self.C, -1))
-        spread = torch.cat(parts, 1) * (d_range / self.total).unsqueeze(1)
-        return grad_x.add_(_from_channels_first(spread, x))
+        per_channel = d_range / self.total
+        for where, channel, share in self.points:
+            grad_x.index_put_(where, per_channel[channel] * share, accumulate=True)
+        return grad_x
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics in float32 at least (half precision cannot even hold the value count)."""
+    return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
 class RangeBNFunction(torch.autograd.Function):
     """Training-mode Range BN: y = gamma * (x - mu) / s + beta, s = sqrt((range / E)^2 + eps).
 
-    range is the mean over chunks of max - min of each channel's values; E is the matching
+    mu is the mean of the (quantized) input that is normalized; range is the mean over chunks
+    of max - min of each channel's values before the activation quantizer; E is the matching
     expected range of standard normals (mean_expected_range). With a process group and one
     chunk, mean, max and min are those of the global batch; with several chunks, each process
     contributes its own chunks. The range's gradient goes to the elements at the max and the
-    min, split evenly among ties (as torch.amax does).
+    min, split evenly among ties (as torch.amax does). Statistics and arithmetic run in float32
+    at least; the output and input gradient keep the input's dtype.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, chunks, constant,
                 act: Optional[tuple], grad: Optional[tuple], group):
+        x_dtype, dtype = x.dtype, _stat_dtype(x)
+        xf = _as(x, dtype)
         if act is not None:
             bits, lo, hi, rounding = act
-            xq, codes = quantize_with_codes(x, bits, lo, hi, rounding)
+            xq, codes = quantize_with_codes(xf, bits, lo, hi, rounding)
             ctx.save_for_backward(codes.codes, codes.lo, codes.scale)
         else:
-            xq = x
+            xq = xf
             ctx.save_for_backward(x)
         C = x.shape[1]
         dims = [d for d in range(x.dim()) if d != 1]
@@ -440,8 +495,9 @@ class RangeBNFunction(torch.autograd.Function):
         sums = torch.stack([xq.sum(dims), xq.new_full((C,), n_local)])
         _all_reduce(sums, dist.ReduceOp.SUM, group)
         mean = sums[0] / sums[1]
-        n = int(sums[1, 0].item())
-        extrema = _Extrema(xq, chunks, group)
+        # the global count is only unknown under a process group (which synchronizes anyway)
+        n = n_local if group is None else int(sums[1, 0].item())
+        extrema = _Extrema(xf, chunks, group)
         # one range per channel is taken over all n values (of every process); chunks are local
         if extrema.chunks == 1:
             divisor = mean_expected_range(n, 1, constant)
@@ -454,20 +510,22 @@ class RangeBNFunction(torch.autograd.Function):
                 running_mean.lerp_(mean.to(running_mean.dtype), factor)
                 running_var.lerp_((sigma * sigma).to(running_var.dtype), factor)
         ctx.stats = (mean, s, sigma, divisor, extrema, n)
-        ctx.weight, ctx.x_dtype, ctx.grad = weight, x.dtype, grad
+        ctx.weight, ctx.x_dtype, ctx.dtype, ctx.grad = weight, x_dtype, dtype, grad
         ctx.has_codes, ctx.has_bias, ctx.group = act is not None, bias is not None, group
         # y = x * a + c with a = gamma / s, c = beta - mean * a: one pass over the input
-        a = weight / s if weight is not None else 1 / s
-        c = -mean * a + (bias if bias is not None else 0)
+        a = _as(weight, dtype) / s if weight is not None else 1 / s
+        c = -mean * a + (_as(bias, dtype) if bias is not None else 0)
         shape = (1, C) + (1,) * (x.dim() - 2)
-        return torch.addcmul(c.view(shape), xq, a.view(shape))
+        return _as(torch.addcmul(c.view(shape), xq, a.view(shape)), x_dtype)
 
     @staticmethod
     def backward(ctx, g):
         saved = ctx.saved_tensors
-        xq = Codes(*saved, ctx.x_dtype).dequantize() if ctx.has_codes else saved[0]
+        dtype = ctx.dtype
+        xq = Codes(*saved, dtype).dequantize() if ctx.has_codes else _as(saved[0], dtype)
         mean, s, sigma, divisor, extrema, n = ctx.stats
         weight, group = ctx.weight, ctx.group
+        g = _as(g, dtype)
         if ctx.grad is not None:
             g = quantize_tensor(g, ctx.grad[0], ctx.grad[1])
         C = xq.shape[1]
@@ -476,18 +534,18 @@ class RangeBNFunction(torch.autograd.Function):
         # sums of g and g * y_hat without materializing y_hat = (x - mean) / s
         sum_g = g.sum(dims)
         sum_g_yhat = ((g * xq).sum(dims) - mean * sum_g) / s
-        grad_w = sum_g_yhat if weight is not None and ctx.needs_input_grad[1] else None
-        grad_b = sum_g if ctx.has_bias and ctx.needs_input_grad[2] else None
+        grad_w = _as(sum_g_yhat, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        grad_b = _as(sum_g, weight.dtype if weight is not None else dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w = weight if weight is not None else torch.ones_like(s)
+            w = _as(weight, dtype) if weight is not None else torch.ones_like(s)
             sums = torch.stack([w * sum_g, w * sum_g_yhat])  # of gy = g * gamma
             _all_reduce(sums, dist.ReduceOp.SUM, group)
             # dL/ds = -sum(gy * y_hat) / s;  ds/d(range) = sigma / (divisor * s)
             d_range = -sums[1] / s * sigma / (divisor * s)
             # (gy - mean(gy)) / s - y_hat * ... : the range term replaces BN's variance term
             grad_x = torch.addcmul((-sums[0] / (n * s)).view(shape), g, (w / s).view(shape))
-            extrema.add_grad(grad_x, xq, d_range)
+            grad_x = _as(extrema.add_grad(grad_x, d_range), ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
@@ -507,14 +565,15 @@ class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
         if s.act_bits is not None:
             lo, hi = self._act_bounds(x)
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
-        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
-        return quantize_grad(y, s.grad_bits, s.grad_rounding)
+        y = F.batch_norm(_as(x, _stat_dtype(x)), self.running_mean, self.running_var, self.weight, self.bias,
+                         False, 0.0, self.eps)
+        return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding)
 
     @classmethod
     def from_float(cls, mod: nn.BatchNorm2d, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
         new = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats,
                   spec=spec, device="meta", **kwargs)
-        return _adopt(new, mod)
+        return adopt(new, mod)
 
 
 class RangeBatchNorm2d(_QuantizedNorm):

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import q8
+import q8.models
 from q8 import LayerQuant, QConv2d, QLinear
 from q8.quantize import fake_quantize
 
@@ -235,3 +236,74 @@ def test_qrelu_has_relus_gradients_and_saves_a_bool_mask(inplace):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         q8.layers.QReLU(inplace)(x * 1.0)
     assert [t.dtype for t in saved if t.shape == x.shape] == [torch.bool]
+
+
+def test_float32_layer_gradients_are_unbiased_and_the_copies_nearly_independent():
+    """On the real float32 path: each gradient copy is unbiased, through the layer's own
+    products too, and the two copies' rounding errors are nearly uncorrelated although they
+    share one draw. Bound: given frac(256 u), u still takes 256 evenly spaced values, so the
+    8-bit copy's rounding probability moves by at most 1/256: |corr| <= about 2 / 256."""
+    torch.manual_seed(0)
+    spec = LayerQuant(weight_bits=None, act_bits=None)  # only the gradients are quantized
+    g = torch.randn(64, 48)
+    g[0, 0] = 8.0  # a heavy tail sets a wide range: most values sit between few grid points
+    draws = 1500
+    e8, e16 = torch.empty(draws, g.numel()), torch.empty(draws, g.numel())
+    for i in range(draws):
+        g_in, g_w = q8.layers.gradient_copies(g, spec, True, True)
+        e8[i], e16[i] = (g_in - g).flatten(), (g_w - g).flatten()
+    step8, step16 = (g.max() - g.min()) / 255, (g.max() - g.min()) / 65535
+    assert (e8.mean(0).abs() < 4 * (step8 / 2) / draws**0.5 + 1e-6).all()
+    assert (e16.mean(0).abs() < 4 * (step16 / 2) / draws**0.5 + 1e-7).all()
+    a, b = e8.flatten(), e16.flatten()
+    corr = float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))
+    print(f"\ncorrelation of the 8-bit and 16-bit copies' errors: {corr:.4f}")
+    assert abs(corr) < 2 / 256
+    # through the layer: E[weight gradient] = g^T x with the 16-bit copy, E[input gradient] = g W with the 8-bit one
+    lin = QLinear(32, 48, bias=False, spec=spec)
+    x = torch.randn(64, 32, requires_grad=True)
+    gw_sum, gx_sum = torch.zeros_like(lin.weight), torch.zeros_like(x)
+    n = 300
+    for _ in range(n):
+        lin.weight.grad = x.grad = None
+        lin(x).backward(g)
+        gw_sum += lin.weight.grad
+        gx_sum += x.grad
+    exact_w, exact_x = g.t() @ x.detach(), g @ lin.weight.detach()
+    assert (gw_sum / n - exact_w).abs().max() < 4 * (step16 / 2) * 64**0.5 / n**0.5 * x.abs().max()
+    assert (gx_sum / n - exact_x).abs().max() < 4 * (step8 / 2) * 48**0.5 / n**0.5 * lin.weight.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_forward_and_backward(dtype):
+    """Under autocast the products run in the autocast dtype, as in the float model; quantization
+    stays in float32, every gradient comes back in its own tensor's dtype, and each layer's
+    output and gradients follow the float32 ones."""
+    torch.manual_seed(0)
+    layers = {
+        "conv": (QConv2d(8, 16, 3, padding=1, spec=PAPER), (8, 8, 12, 12)),
+        "linear": (QLinear(24, 16, spec=PAPER), (32, 24)),
+        "range_bn": (q8.RangeBatchNorm2d(8, chunks=4, spec=LayerQuant(act_bits=8, grad_bits=8)), (8, 8, 6, 6)),
+    }
+    for name, (layer, shape) in layers.items():
+        x = torch.randn(shape) * 2 + 0.5
+        res = []
+        for enabled in (False, True):
+            xx = x.clone().requires_grad_()
+            layer.zero_grad()
+            q8.seed_rounding(0)
+            with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+                out = layer(xx if name != "range_bn" else xx.to(dtype) if enabled else xx)
+            if enabled and name != "range_bn":
+                assert out.dtype == dtype
+            out.backward(torch.ones_like(out) + torch.linspace(0, 1, out.numel()).view(out.shape).to(out.dtype))
+            res.append([out.float(), xx.grad] + [p.grad for p in layer.parameters()])
+        q8.seed_rounding(None)
+        for (a, b), what in zip(zip(*res), ["output", "input grad", "weight grad", "bias grad"]):
+            assert b.dtype == torch.float32 and torch.isfinite(b).all(), (name, what)
+            assert q8.cosine(a, b) > 0.99, (name, what, q8.cosine(a, b))
+    model = q8.convert(q8.models.build("resnet20", in_channels=1, width=4), q8.QuantConfig.preset("int8"))
+    with torch.autocast("cpu", dtype=dtype):
+        loss = F.cross_entropy(model(torch.randn(8, 1, 16, 16)).float(), torch.randint(0, 10, (8,)))
+    loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())

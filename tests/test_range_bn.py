@@ -12,13 +12,15 @@ from q8 import LayerQuant, RangeBatchNorm2d
 from q8.layers import REFERENCE_FACTOR, QBatchNorm2d, chunk_sizes, expected_range
 
 
-def reference_range_bn(x, weight, bias, chunks, constant, eps=1e-5):
-    """Range BN written independently: per channel, split values with tensor_split, amax/amin."""
+def reference_range_bn(x, weight, bias, chunks, constant, eps=1e-5, range_of=None):
+    """Range BN written independently: per channel, split values with tensor_split, amax/amin.
+    range_of: the tensor whose range is measured (default x)."""
     C = x.shape[1]
     v = x.transpose(0, 1).reshape(C, -1)
+    r = (x if range_of is None else range_of).transpose(0, 1).reshape(C, -1)
     n = v.shape[1]
     k = max(1, min(chunks, n // 2))
-    parts = torch.tensor_split(v, k, dim=1)
+    parts = torch.tensor_split(r, k, dim=1)
     rng = sum(p.amax(1) - p.amin(1) for p in parts) / k
     if constant == "paper":
         divisor = sum(math.sqrt(2 * math.log(p.shape[1])) for p in parts) / k
@@ -125,23 +127,43 @@ def test_gradient_with_ties_splits_like_amax():
     assert torch.allclose(x.grad, x2.grad, atol=1e-10)
 
 
-def test_quantized_input_and_output_gradient():
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_quantized_input_and_output_gradient(chunks):
+    """The input is quantized (8 bits over the per-sample-mean range) and then normalized;
+    the range statistic is measured before the quantizer (METHOD.md section 3). Gradients:
+    straight-through for the quantizer, exact for mean and range, 8-bit output gradient."""
     spec = LayerQuant(act_bits=8, grad_bits=8)
-    bn = RangeBatchNorm2d(3, spec=spec)
-    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    bn = RangeBatchNorm2d(3, spec=spec, chunks=chunks).double()
+    nn.init.normal_(bn.weight)
+    x = (torch.randn(8, 3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 3.0, 0.3]).view(1, 3, 1, 1)).requires_grad_()
     y = bn(x)
     lo, hi = q8.sample_mean_range(x)
-    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi)
-    plain = RangeBatchNorm2d(3)
-    assert torch.allclose(y, plain(xq), atol=1e-6)
+    x2 = x.detach().clone().requires_grad_()
+    xq = x2 + (q8.quantize(x2.detach(), 8, lo=lo, hi=hi) - x2).detach()  # straight-through
+    assert (xq.detach() != x2.detach()).any()
+    ref, _, _ = reference_range_bn(xq, bn.weight, bn.bias, chunks, "exact", range_of=x2)
+    assert torch.allclose(y, ref, atol=1e-10)
     g = torch.randn_like(y)
     torch.manual_seed(5)
     y.backward(g)
     torch.manual_seed(5)
-    gq = q8.quantize(g, 8, rounding="stochastic")
-    xq.requires_grad_()
-    plain(xq).backward(gq)
-    assert torch.allclose(x.grad, xq.grad, atol=1e-5)
+    ref.backward(q8.quantize(g, 8, rounding="stochastic"))
+    assert torch.allclose(x.grad, x2.grad, atol=1e-10)
+
+
+@pytest.mark.parametrize("chunks", [1, 16])
+def test_exact_constant_gives_unit_std_at_the_int8_preset(chunks):
+    """At 8 bits the per-sample-mean activation range clips the tails of wide channels; a range
+    measured on the clipped values would shrink sigma (std up to 1.6 on the wide channels).
+    Measured before the clip, the exact constant keeps BN's scale."""
+    torch.manual_seed(0)
+    scales = torch.cat([torch.ones(60), torch.tensor([0.2, 4.0, 8.0, 10.0])])
+    x = torch.randn(32, 64, 16, 16) * scales.view(1, -1, 1, 1) + 0.5
+    bn = q8.convert(nn.Sequential(nn.BatchNorm2d(64)), q8.QuantConfig.preset("int8", range_bn_chunks=chunks))[0]
+    assert isinstance(bn, RangeBatchNorm2d) and bn.spec.act_bits == 8
+    std = bn(x).detach().std((0, 2, 3))
+    assert abs(std.mean() - 1) < 0.05
+    assert (std[-4:] - 1).abs().max() < 0.1, std[-4:]  # the unequal channels too
 
 
 def test_state_dict_matches_batchnorm_and_float_checkpoints_load():
