@@ -1,13 +1,15 @@
 """q8: 8-bit training of neural networks (Banner et al., NeurIPS 2018) in PyTorch."""
 
 from .config import PRESETS, LayerQuant, QuantConfig
-from .convert import convert
+from .convert import Coverage, convert, coverage, float_state_dict, unconvert
 from .diagnostics import cosine, cosine_bound, layer_fidelity, sqnr_db
 from .layers import QBatchNorm2d, QConv2d, QLinear, RangeBatchNorm2d, expected_range
-from .quantize import Codes, channel_range, encode, quantize, quantize_grad, sample_mean_range, tensor_range
+from .quantize import (Codes, channel_range, encode, quantize, quantize_grad, rounding_state, sample_mean_range,
+                       seed_rounding, set_rounding_state, tensor_range)
 
 __all__ = [
-    "PRESETS", "LayerQuant", "QuantConfig", "convert", "cosine", "cosine_bound", "layer_fidelity", "sqnr_db",
+    "PRESETS", "LayerQuant", "QuantConfig", "Coverage", "convert", "coverage", "float_state_dict", "unconvert", "cosine", "cosine_bound", "layer_fidelity", "sqnr_db",
     "QBatchNorm2d", "QConv2d", "QLinear", "RangeBatchNorm2d", "expected_range",
-    "Codes", "channel_range", "encode", "quantize", "quantize_grad", "sample_mean_range", "tensor_range",
+    "Codes", "channel_range", "encode", "quantize", "quantize_grad", "rounding_state", "sample_mean_range",
+    "seed_rounding", "set_rounding_state", "tensor_range",
 ]

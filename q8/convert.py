@@ -1,63 +1,249 @@
-"""convert(model, config): swap the layers of any float model for their quantized versions."""
+"""convert(model, config): swap the layers of any float model for their quantized versions, and
+say what was quantized (coverage)."""
 
 from __future__ import annotations
 
+import fnmatch
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import QuantConfig
-from .layers import QBatchNorm2d, QConv2d, QLinear, QReLU, RangeBatchNorm2d
+from .layers import ActivationRange, QBatchNorm2d, QConv2d, QLinear, QReLU, RangeBatchNorm2d, adopt
 
 ModuleFilter = Callable[[nn.Module, str], bool]
+log = logging.getLogger("q8")
+
+# q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
+FLOAT_OF = {QConv2d: nn.Conv2d, QLinear: nn.Linear, RangeBatchNorm2d: nn.BatchNorm2d, QBatchNorm2d: nn.BatchNorm2d,
+            QReLU: nn.ReLU}
+SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU)
 
 
-def _swap(module: nn.Module, name: str, config: QuantConfig) -> nn.Module:
-    """The quantized replacement of one module, or the module itself.
-
-    Only exact nn.Conv2d / nn.Linear / nn.BatchNorm2d are swapped: a subclass may change
-    forward in ways a quantized layer would silently drop.
-    """
+def _base_type(module: nn.Module) -> type:
+    """The plain layer type of a module: a q8 layer's float type, a parametrized module's own
+    class (torch.nn.utils.parametrize makes a subclass per module), else its type."""
     kind = type(module)
+    if parametrize.is_parametrized(module):
+        kind = kind.__bases__[0]
+    return FLOAT_OF.get(kind, kind)
+
+
+def _check_hook_weight_norm(module: nn.Module, name: str) -> None:
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    if any(isinstance(h, WeightNorm) for h in module._forward_pre_hooks.values()):
+        raise ValueError(
+            f"{name or 'the model'} uses the old torch.nn.utils.weight_norm, whose hook rebuilds the weight outside the "
+            "layer; use torch.nn.utils.parametrizations.weight_norm (which q8 quantizes after the parametrization)"
+        )
+
+
+def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.Module:
+    """The quantized layer of `kind` for `module` (a float layer or a q8 layer), or None to keep it."""
     if kind is nn.ReLU:  # same gradients, a 1-byte mask saved instead of a float output
-        return module if config.is_float else QReLU(module.inplace)
-    if kind not in (nn.Conv2d, nn.Linear, nn.BatchNorm2d):
-        return module
-    spec = config.for_layer(name)
+        return None if config.is_float else adopt(QReLU(module.inplace), module)
     if kind is nn.Conv2d:
         return QConv2d.from_float(module, spec)
     if kind is nn.Linear:
         return QLinear.from_float(module, spec)
     if config.norm == "range":
-        return RangeBatchNorm2d.from_float(
-            module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant
-        )
+        return RangeBatchNorm2d.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
     if spec.act_bits is not None or spec.grad_bits is not None:
         return QBatchNorm2d.from_float(module, spec)
-    return module
+    return _plain(module, nn.BatchNorm2d)
+
+
+def _plain(module: nn.Module, kind: type) -> nn.Module:
+    """A float layer of `kind` holding the module's Parameters and buffers (module itself if it is one)."""
+    if type(module) is kind:
+        return module
+    if kind is nn.ReLU:
+        return adopt(nn.ReLU(module.inplace), module)
+    if kind is nn.Conv2d:
+        new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                        module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+    elif kind is nn.Linear:
+        new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+    else:
+        new = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                             device="meta")
+    return adopt(new, module)
+
+
+def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Module]:
+    """The quantized replacement of one module, or None to keep it.
+
+    Only exact nn.Conv2d / nn.Linear / nn.BatchNorm2d / nn.ReLU (or q8's versions of them, or
+    their parametrized forms) are swapped: a subclass may change forward in ways a quantized
+    layer would silently drop.
+    """
+    kind = _base_type(module)
+    if kind not in SUPPORTED:
+        return None
+    _check_hook_weight_norm(module, name)
+    new = _new_layer(module, kind, config.for_layer(name), config)
+    if new is None and type(module) in FLOAT_OF:  # a q8 layer the new config keeps in float
+        new = _plain(module, kind)
+    if new is None or new is module:
+        return None
+    return new
 
 
 def convert(
-    model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None
+    model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
     """Swap nn.Conv2d, nn.Linear and nn.BatchNorm2d (and nn.ReLU, when anything is quantized)
     of `model` in place (post-order) and return it.
 
-    The new layers reuse the original Parameter and buffer objects, so state_dict keys and
-    optimizer references stay valid. module_filter_fn(module, fqn) -> False keeps a layer
-    as it is (config.overrides can instead keep it in float32 while still swapping it).
+    The new layers reuse the original Parameter and buffer objects, so parameter names and
+    optimizer references stay valid (each quantized layer adds one `act_range` buffer to the
+    state_dict); hooks, parametrizations (torch.nn.utils.parametrizations) and train/eval mode
+    are kept; a module reused under several names is converted once. A model converted
+    before is converted again to the new config, never mixed. module_filter_fn(module, fqn) ->
+    False keeps a layer as it is (config.overrides can instead keep it in float while still
+    swapping it). An override pattern that matches no layer is a ValueError.
+
+    Logs one line of coverage(model); strict=True raises ValueError when a module with
+    parameters stays in float because q8 has no quantized version of its type.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"convert needs a q8.QuantConfig, got {type(config).__name__}")
+    done: dict[int, tuple[nn.Module, str]] = {}  # id(original) -> (replacement, first name)
+    matched: set[str] = set()
 
     def visit(module: nn.Module, prefix: str) -> nn.Module:
-        for name, child in list(module.named_children()):
+        if id(module) in done:
+            new, first = done[id(module)]
+            if _base_type(module) in SUPPORTED and config.for_layer(prefix) != config.for_layer(first):
+                raise ValueError(f"{first} and {prefix} are one module shared under two names, and config.overrides "
+                                 "give them different quantization; give them one")
+            return new
+        for name, child in list(module._modules.items()):  # named_children() hides a second name
+            if child is None:
+                continue
             fqn = f"{prefix}.{name}" if prefix else name
             new = visit(child, fqn)
             if new is not child:
                 setattr(module, name, new)
-        if module_filter_fn is not None and not module_filter_fn(module, prefix):
-            return module
-        return _swap(module, prefix, config)
+        result = module
+        if module_filter_fn is None or module_filter_fn(module, prefix):
+            if _base_type(module) in SUPPORTED and _base_type(module) is not nn.ReLU:
+                matched.update(p for p in config.overrides if prefix and fnmatch.fnmatchcase(prefix, p))
+            result = _swap(module, prefix, config) or module
+        done[id(module)] = (result, prefix)
+        return result
 
-    return visit(model, "")
+    model = visit(model, "")
+    unused = [p for p in config.overrides if p not in matched]
+    if unused:
+        names = [n for n, m in model.named_modules() if _base_type(m) in SUPPORTED and _base_type(m) is not nn.ReLU]
+        raise ValueError(f"config.overrides pattern(s) {unused} match no convertible layer; layer names look like "
+                         f"{names[:4]}")
+    report = coverage(model)
+    log.info("%s", report.summary())
+    if strict and report.unsupported:
+        raise ValueError(f"q8.convert(strict=True): {report.summary()}")
+    return model
+
+
+def unconvert(model: nn.Module) -> nn.Module:
+    """The float model back: every q8 layer becomes its torch layer, holding the same Parameters
+    and buffers (act_range is dropped). Load a q8 checkpoint into a float model with
+    `unconvert(convert(float_model, cfg)).load_state_dict(...)` or `float_state_dict`."""
+    done: dict[int, nn.Module] = {}
+
+    def visit(module: nn.Module) -> nn.Module:
+        if id(module) in done:
+            return done[id(module)]
+        for name, child in list(module._modules.items()):
+            if child is None:
+                continue
+            new = visit(child)
+            if new is not child:
+                setattr(module, name, new)
+        kind = _base_type(module)
+        done[id(module)] = _plain(module, kind) if type(module) in FLOAT_OF or (
+            parametrize.is_parametrized(module) and type(module).__bases__[0] in FLOAT_OF) else module
+        return done[id(module)]
+
+    return visit(model)
+
+
+def float_state_dict(state_dict: dict) -> dict:
+    """A q8 model's state_dict without q8's own buffers (act_range): loads into the float model."""
+    return {k: v for k, v in state_dict.items() if not k.endswith("act_range")}
+
+
+@dataclass
+class Coverage:
+    """What of a model is quantized, counted over modules that own parameters."""
+
+    quantized: Counter = field(default_factory=Counter)  # type name -> modules
+    float_by_config: Counter = field(default_factory=Counter)  # q8 could, the config keeps it float
+    unsupported: Counter = field(default_factory=Counter)  # no quantized version of this type
+    params: Counter = field(default_factory=Counter)  # ("quantized" | "float_by_config" | "unsupported", type) -> count
+
+    def share(self) -> float:
+        total = sum(self.params.values())
+        return sum(v for (k, _), v in self.params.items() if k == "quantized") / total if total else 1.0
+
+    def summary(self) -> str:
+        total = sum(self.params.values())
+        q = sum(self.quantized.values())
+        n = q + sum(self.float_by_config.values()) + sum(self.unsupported.values())
+        line = f"q8.convert: {q} of {n} layers with parameters quantized ({100 * self.share():.1f}% of {total:,} parameters)"
+        parts = [f"{c} {t} ({self.params['unsupported', t]:,} params)" for t, c in sorted(self.unsupported.items())]
+        if parts:
+            line += "; float, no q8 version: " + ", ".join(parts)
+        if self.float_by_config:
+            line += "; float by config: " + ", ".join(f"{c} {t}" for t, c in sorted(self.float_by_config.items()))
+        return line
+
+    def as_dict(self) -> dict:
+        return {
+            "quantized_share_of_parameters": self.share(),
+            "quantized": dict(self.quantized), "float_by_config": dict(self.float_by_config),
+            "unsupported": dict(self.unsupported),
+            "parameters": {f"{k}/{t}": v for (k, t), v in sorted(self.params.items())},
+            "summary": self.summary(),
+        }
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """Which layers of `model` are quantized, which stay float by the config, and which stay
+    float because q8 has no quantized version of their type (by type, with parameter counts).
+    An unsupported module counts as one, with everything inside it (MultiheadAttention and its
+    out_proj, which its functional forward reads directly)."""
+    report = Coverage()
+
+    def visit(module: nn.Module) -> None:
+        kind = _base_type(module)
+        if parametrize.is_parametrized(module):
+            own = sum(p.numel() for p in module.parameters())  # the parametrizations' originals too
+        else:
+            own = sum(p.numel() for p in module.parameters(recurse=False))
+        if kind not in SUPPORTED and own and not isinstance(module, parametrize.ParametrizationList):
+            report.unsupported[kind.__name__] += 1
+            report.params["unsupported", kind.__name__] += sum(p.numel() for p in module.parameters())
+            return
+        if own:
+            key = "quantized" if isinstance(module, ActivationRange) and not _is_float_spec(module) else "float_by_config"
+            getattr(report, key)[kind.__name__] += 1
+            report.params[key, kind.__name__] += own
+            return
+        for child in module.children():
+            visit(child)
+
+    visit(model)
+    return report
+
+
+def _is_float_spec(module: ActivationRange) -> bool:
+    spec = module.spec
+    return spec.is_float and not isinstance(module, RangeBatchNorm2d)  # Range BN is the method even in float
+

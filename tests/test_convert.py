@@ -9,6 +9,7 @@ from torch import nn
 
 import q8
 from q8 import QConv2d, QLinear, QuantConfig, RangeBatchNorm2d
+from q8.convert import FLOAT_OF
 from q8.layers import QBatchNorm2d
 from q8.models import build
 
@@ -140,3 +141,127 @@ def test_models(name, in_channels, size, params):
     assert model(torch.randn(2, in_channels, size, size)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         build("vgg16")
+
+
+# ---- convert() never fails silently (coverage, overrides, twice, shared, hooks, parametrizations) ----
+
+
+class Mixed(nn.Module):
+    """Layers q8 quantizes beside layers it has no quantized version of."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.norm = nn.LayerNorm(8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x).flatten(2)  # [B, 8, HW]
+        x = self.conv1d(x).transpose(1, 2)  # [B, HW, 8]
+        x = self.norm(x)
+        x = self.attn(x, x, x, need_weights=False)[0]
+        return self.fc(x.mean(1))
+
+
+def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
+    model = Mixed()
+    with caplog.at_level("INFO", logger="q8"):
+        q8.convert(model, QuantConfig())
+    report = q8.coverage(model)
+    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1}
+    assert dict(report.unsupported) == {"Conv1d": 1, "LayerNorm": 1, "MultiheadAttention": 1}
+    attn_params = sum(p.numel() for p in model.attn.parameters())
+    assert report.params["unsupported", "MultiheadAttention"] == attn_params
+    quantized = sum(p.numel() for m in (model.conv, model.fc) for p in m.parameters())
+    assert report.share() == pytest.approx(quantized / sum(p.numel() for p in model.parameters()))
+    line = report.summary()
+    assert "2 of 5 layers" in line and "MultiheadAttention" in line and "LayerNorm" in line
+    assert line in caplog.text
+    with pytest.raises(ValueError, match="strict.*MultiheadAttention"):
+        q8.convert(Mixed(), QuantConfig(), strict=True)
+    q8.convert(build("resnet20"), QuantConfig(), strict=True)  # nothing left in float: accepted
+    fp32 = q8.coverage(q8.convert(build("resnet20"), QuantConfig.preset("fp32")))
+    assert fp32.share() == 0 and not fp32.unsupported and fp32.float_by_config["Conv2d"] == 21
+
+
+def test_override_that_matches_nothing_names_the_pattern():
+    with pytest.raises(ValueError, match=r"\['layer_4\.\*'\] match no convertible layer"):
+        q8.convert(build("resnet20"), QuantConfig(overrides={"layer_4.*": "float", "fc": "float"}))
+
+
+@pytest.mark.parametrize("first,second", [("fp32", "int8"), ("int8", "fp32"), ("int8", "int8_no_bifurcation")])
+def test_converting_twice_gives_the_second_config_only(first, second):
+    torch.manual_seed(0)
+    twice = q8.convert(q8.convert(build("resnet20"), QuantConfig.preset(first)), QuantConfig.preset(second))
+    torch.manual_seed(0)
+    once = q8.convert(build("resnet20"), QuantConfig.preset(second))
+    assert [type(m) for m in twice.modules()] == [type(m) for m in once.modules()]
+    for a, b in zip(twice.modules(), once.modules()):
+        assert getattr(a, "spec", None) == getattr(b, "spec", None)
+    x = torch.randn(4, 3, 16, 16)
+    once.load_state_dict(twice.state_dict())
+    twice.eval(), once.eval()
+    assert torch.equal(twice(x), once(x))
+
+
+def test_shared_module_is_converted_once_and_hooks_survive():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+    calls = []
+    conv.register_forward_hook(lambda m, i, o: calls.append("fwd"))
+    conv.register_forward_pre_hook(lambda m, i: calls.append("pre"))
+    model = nn.Sequential(conv, nn.ReLU(), conv)  # one module under the names "0" and "2"
+    q8.convert(model, QuantConfig())
+    assert isinstance(model[0], QConv2d) and model[0] is model[2]
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert calls == ["pre", "fwd", "pre", "fwd"]
+    with pytest.raises(ValueError, match="shared under two names"):
+        q8.convert(nn.Sequential(conv, conv), QuantConfig(overrides={"1": "float"}))
+
+
+def test_parametrized_weights_are_quantized_after_the_parametrization():
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    lin = nn.utils.parametrizations.spectral_norm(nn.Linear(4, 2))
+    model = nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(1), lin)
+    params = dict(model.named_parameters())
+    q8.convert(model, QuantConfig(), strict=True)
+    assert isinstance(model[0], QConv2d) and isinstance(model[3], QLinear)
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert model[0].weight.shape == (4, 3, 3, 3)  # computed by the parametrization
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    assert model[0].parametrizations.weight.original0.grad is not None  # weight_norm's g
+    assert torch.isfinite(model[3].parametrizations.weight.original.grad).all()
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.*deprecated")
+def test_old_weight_norm_is_refused_with_the_fix():
+    conv = nn.utils.weight_norm(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="parametrizations.weight_norm"):
+        q8.convert(nn.Sequential(conv), QuantConfig())
+
+
+def test_unbatched_input_and_eval_mode_are_kept():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    q8.convert(model, QuantConfig())
+    assert not any(m.training for m in model.modules())
+    x = torch.randn(3, 8, 8)
+    model.train()
+    model(x.unsqueeze(0))  # sets the activation ranges
+    model.eval()
+    assert torch.equal(model[0](x), model[0](x.unsqueeze(0)).squeeze(0))
+
+
+def test_a_q8_checkpoint_loads_into_the_float_model():
+    torch.manual_seed(0)
+    quantized = q8.convert(build("resnet20"), QuantConfig())
+    quantized(torch.randn(4, 3, 16, 16))
+    state = quantized.state_dict()
+    assert {k for k in state if k.endswith("act_range")}  # q8 adds one buffer per quantized layer
+    float_model = build("resnet20")
+    float_model.load_state_dict(q8.float_state_dict(state))  # strict: every other key matches
+    back = q8.unconvert(quantized)
+    assert not any(type(m) in FLOAT_OF for m in back.modules())
+    assert back.state_dict().keys() == float_model.state_dict().keys()
