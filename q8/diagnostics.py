@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import FLOAT_SPEC, ActivationRange, QConv2d, QLinear
+from .quantize import rounding_state, set_rounding_state
 
 KINDS = ("weight", "activation", "layer_grad", "weight_grad")
 
@@ -50,19 +51,22 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 @contextmanager
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Run diagnostics without side effects: buffers (running statistics, ranges), specs and
-    the RNG come back as they were."""
+    every random generator they draw from (CPU, each CUDA device, q8's rounding streams) come
+    back as they were."""
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     specs = {m: m.spec for m in model.modules() if isinstance(m, ActivationRange)}
-    rng = torch.get_rng_state()
+    rounding = rounding_state()
+    cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     try:
-        yield
+        with torch.random.fork_rng(devices=cuda):  # the CPU generator and every CUDA device's
+            yield
     finally:
         with torch.no_grad():
             for k, v in model.named_buffers():
                 v.copy_(buffers[k])
         for m, spec in specs.items():
             m.spec, m.probe = spec, None
-        torch.set_rng_state(rng)
+        set_rounding_state(rounding)
 
 
 def _backward_pass(model, inputs, targets, loss_fn, params) -> dict:

@@ -59,3 +59,20 @@ def test_more_bits_more_fidelity():
         cos[bits] = summarize(rows)
     for kind in KINDS:
         assert cos[2][kind]["cosine"] < cos[8][kind]["cosine"], kind
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_layer_fidelity_leaves_every_random_stream_where_it_was(seeded):
+    """Diagnostics draw rounding noise; the training stream must not notice (default generator
+    or q8's own rounding stream)."""
+    model = q8.convert(build("resnet20", in_channels=1, width=4), q8.QuantConfig())
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    draws = []
+    for with_diagnostics in (False, True):
+        q8.seed_rounding(5 if seeded else None)
+        torch.manual_seed(1)
+        if with_diagnostics:
+            q8.layer_fidelity(model, x, y)
+        draws.append((torch.rand(3), q8.quantize(torch.rand(1000) * 0 + 0.5, 4, rounding="stochastic", lo=0.0, hi=1.0)))
+    q8.seed_rounding(None)
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
