@@ -6,13 +6,13 @@ split and writes them as JSON beside the checkpoint (<name>.eval.json, or .eval-
 
 import json
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
+from cli import fail
 from q8.errors import Q8Error
-from q8.trainer import evaluate_checkpoint
+from q8.trainer import evaluate_checkpoint, save_evaluation
 
 log = logging.getLogger("q8")
 
@@ -21,12 +21,16 @@ log = logging.getLogger("q8")
 def main(cfg: DictConfig) -> None:
     changes = {k: v for k, v in cfg.data.items() if v is not None}
     try:
-        result, path = evaluate_checkpoint(cfg.checkpoint, quantized=cfg.quantized, data_changes=changes, device=cfg.device)
-    except Q8Error as err:
-        log.error("%s", err)
-        sys.exit(1)
-    print(json.dumps(result))
-    log.info("written to %s", path)
+        result = evaluate_checkpoint(cfg.checkpoint, quantized=cfg.quantized, data_changes=changes, device=cfg.device)
+    except (Q8Error, OSError) as err:
+        fail(err)
+    print(json.dumps(result))  # first: a folder we cannot write to loses nothing
+    try:
+        path = save_evaluation(result)
+    except OSError as err:
+        fail(err)
+    if path is not None:
+        log.info("written to %s", path)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cli import describe, fail
 from q8.errors import Q8Error
 from q8.train_config import TrainConfig
 from q8.trainer import Interrupted, train
@@ -35,18 +36,17 @@ def export_slurm_ranks() -> None:
 def main(cfg: DictConfig) -> float:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     export_slurm_ranks()
-    if int(os.environ.get("RANK", "0")) == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     try:
-        summary = train(OmegaConf.to_object(cfg), run_dir)
+        # config.yaml is written by train() once the run is accepted (never over a refused one)
+        summary = train(OmegaConf.to_object(cfg), run_dir, resolved_config=OmegaConf.to_yaml(cfg, resolve=True))
     except Interrupted as err:
         log.warning("%s", err)
         sys.exit(128 + err.signum)
-    except Q8Error as err:
-        log.error("%s", err)
+    except (Q8Error, OSError) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error("%s", describe(err))
             raise  # the sweep goes on with its other jobs and fails at the end
-        sys.exit(1)
+        fail(err)
     print(f"val top1 {summary['val_top1']:.2f}  top5 {summary['val_top5']:.2f}  ({run_dir})")
     return summary["val_top1"]
 

@@ -38,24 +38,27 @@ def cache_dir() -> Path:
 # ---- Fashion-MNIST -----------------------------------------------------------------------------
 
 
-def _fashion_folder(root: Optional[str]) -> Optional[Path]:
+def _fashion_folder(root: Optional[str], fresh: bool = False) -> Optional[Path]:
     """A folder in torchvision's FashionMNIST layout, made from the first place holding the files.
 
     Looks in data.root when set (torchvision layout, or the four .gz files directly), else in
-    the Debian package's folder; .gz files are decompressed once into the cache.
+    the Debian package's folder; .gz files are decompressed once into the cache, under a key
+    of their path, sizes and modification times (replaced files get a new entry).
+    fresh=True decompresses again over the cache entry (a broken one).
     """
     places = [Path(root)] if root else [DEBIAN_FASHION_MNIST]
     for place in places:
         if all((place / "FashionMNIST" / "raw" / f).exists() for f in FASHION_FILES):
             return place
-        if all((place / f"{f}.gz").exists() for f in FASHION_FILES):
-            tag = hashlib.sha1(str(place.resolve()).encode()).hexdigest()[:10]
-            target = cache_dir() / f"fashion_mnist-{tag}"
+        sources = [place / f"{f}.gz" for f in FASHION_FILES]
+        if all(src.exists() for src in sources):
+            key = [str(place.resolve())] + [f"{st.st_size}:{st.st_mtime_ns}" for st in (src.stat() for src in sources)]
+            target = cache_dir() / f"fashion_mnist-{hashlib.sha1('|'.join(key).encode()).hexdigest()[:12]}"
             raw = target / "FashionMNIST" / "raw"
-            if not all((raw / f).exists() for f in FASHION_FILES):
+            if fresh or not all((raw / f).exists() for f in FASHION_FILES):
                 raw.mkdir(parents=True, exist_ok=True)
-                for f in FASHION_FILES:
-                    _gunzip(place / f"{f}.gz", raw / f)
+                for src, f in zip(sources, FASHION_FILES):
+                    _gunzip(src, raw / f)
             return target
     return None
 
@@ -87,7 +90,19 @@ def _fashion_mnist(cfg: DataConfig, train: bool) -> Dataset:
                 f"put {', '.join(f + '.gz' for f in FASHION_FILES)} in data.root, or set data.download=true."
             )
         folder = Path(cfg.root) if cfg.root else cache_dir()
-    return _open(datasets.FashionMNIST, str(folder), train=train, transform=tf, download=cfg.download)
+    try:
+        return _open(datasets.FashionMNIST, str(folder), train=train, transform=tf, download=cfg.download)
+    except DataError:
+        if not folder.is_relative_to(cache_dir()):
+            raise
+    # A cache entry that does not read (a crash while it was written, a disk error): make it again,
+    # once, from the .gz files; if it still fails, the files themselves are at fault.
+    folder = _fashion_folder(cfg.root, fresh=True)
+    try:
+        return _open(datasets.FashionMNIST, str(folder), train=train, transform=tf, download=False)
+    except DataError as err:
+        source = cfg.root or DEBIAN_FASHION_MNIST
+        raise DataError(f"the Fashion-MNIST files in {source} do not read ({err}; decompressed into {folder})") from None
 
 
 # ---- CIFAR and ImageNet ------------------------------------------------------------------------
@@ -137,8 +152,9 @@ def _open(kind, root: str, **kwargs) -> Dataset:
             f"{name} not found or corrupted under {root}: {str(err).rstrip('.')}. Put torchvision's {name} files there "
             "(data.root) or set data.download=true on a machine with internet."
         ) from None
-    except (OSError, ValueError) as err:
-        raise DataError(f"cannot read {kind.__name__} under {root}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - torchvision's readers assert on bad headers, numpy raises on short files
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else "the file does not have the expected layout"
+        raise DataError(f"cannot read {kind.__name__} under {root}: {type(err).__name__}: {detail}") from None
 
 
 DATASETS: dict[str, DatasetInfo] = {

@@ -54,3 +54,17 @@ def all_sum(values: list[float], device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def env_rank() -> int:
+    """This process's rank before any process group exists (torchrun / SLURM via submitit set RANK)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def any_true(flag: bool, device) -> bool:
+    """True on every process if it is True on any (identity without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

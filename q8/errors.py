@@ -19,3 +19,7 @@ class CheckpointError(Q8Error):
 
 class NonFiniteLossError(Q8Error):
     """Training produced a NaN/Inf loss; the message names the step."""
+
+
+class RunFolderError(Q8Error):
+    """The run folder cannot be used: another process trains there, or it cannot be written."""

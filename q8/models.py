@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
@@ -36,6 +37,8 @@ class CifarResNet(nn.Module):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2, got {depth}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+            raise ValueError(f"width must be an int >= 1, got {width!r}")
         n = (depth - 2) // 6
         self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -78,6 +81,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": lambda **kw: CifarResNet(20, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
 }
+
+
+def check_kwargs(name: str, kwargs: dict) -> None:
+    """Raise TypeError / ValueError naming the problem if MODELS[name] does not accept kwargs
+    (the model is built on the meta device: no memory, no time)."""
+    try:
+        with torch.device("meta"):
+            build(name, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{name} does not take these arguments: {err}") from None
 
 
 def build(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:

@@ -79,6 +79,7 @@ class TrainerConfig:
     epochs: int = 90
     max_steps: Optional[int] = None  # stop after this many optimizer steps; null: no limit
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "32"  # 32 | bf16-mixed | 16-mixed (autocast; 16-mixed adds a gradient scaler)
     threads: Optional[int] = None  # torch CPU threads; null: torch's default
     deterministic: bool = False  # deterministic algorithms: a resumed run equals an uninterrupted one
     progress: bool = True  # tqdm bars (only on rank 0 and on a terminal)
@@ -120,8 +121,11 @@ def quant_config(cfg: TrainConfig) -> QuantConfig:
 
 def check(cfg: TrainConfig) -> None:
     """Validate the values a type cannot express; raise ConfigError naming the key."""
+    import torch
+
     from .data import DATASETS
-    from .models import MODELS
+    from .engine import PRECISIONS
+    from .models import MODELS, check_kwargs
 
     quant_config(cfg)
     rules = [
@@ -141,6 +145,9 @@ def check(cfg: TrainConfig) -> None:
         ("trainer.epochs", cfg.trainer.epochs >= 1, ">= 1"),
         ("trainer.max_steps", cfg.trainer.max_steps is None or cfg.trainer.max_steps >= 1, "null or >= 1"),
         ("trainer.device", cfg.trainer.device in ("auto", "cpu", "cuda"), "auto, cpu or cuda"),
+        ("trainer.device", cfg.trainer.device != "cuda" or torch.cuda.is_available(),
+         "auto or cpu on this machine (torch sees no CUDA device)"),
+        ("trainer.precision", cfg.trainer.precision in PRECISIONS, f"one of {sorted(PRECISIONS)}"),
         ("trainer.threads", cfg.trainer.threads is None or cfg.trainer.threads >= 1, "null or >= 1"),
         ("trainer.log_every", cfg.trainer.log_every >= 1, ">= 1"),
         ("trainer.diagnostics_every", cfg.trainer.diagnostics_every >= 0, ">= 0"),
@@ -153,6 +160,10 @@ def check(cfg: TrainConfig) -> None:
             for part in key.split("."):
                 value = getattr(value, part)
             raise ConfigError(f"{key} must be {expected}, got {value!r}")
+    try:
+        check_kwargs(cfg.model.name, cfg.model.kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.kwargs: {err}") from None
 
 
 def from_dict(d: dict) -> TrainConfig:

@@ -28,12 +28,14 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, data, distributed
-from .convert import convert
+from .convert import convert, coverage
 from .diagnostics import layer_fidelity, summarize
-from .engine import correct_topk, evaluate
-from .errors import CheckpointError, ConfigError, NonFiniteLossError, Q8Error
+from .engine import autocast, correct_topk, evaluate
+from .errors import CheckpointError, ConfigError, NonFiniteLossError, Q8Error, RunFolderError
 from .layers import ActivationRange
 from .models import build
+from .quantize import seed_rounding
+from .runfolder import RunFolderLock, write_text
 from .train_config import OptimConfig, ScheduleConfig, TrainConfig, check, quant_config
 
 log = logging.getLogger("q8")
@@ -52,10 +54,11 @@ class Interrupted(Q8Error):
 
 
 class StopFlag:
-    """SIGTERM, SIGUSR1, SIGUSR2 (SLURM preemption, submitit's timeout warning) set a flag the loop
-    checks between steps; after saving, the signal goes on to the previous handler."""
+    """SIGINT (Ctrl-C), SIGTERM, SIGUSR1, SIGUSR2 (SLURM preemption, submitit's timeout warning)
+    set a flag the loop checks between steps; after saving, the signal goes on to the previous
+    handler. A second Ctrl-C stops at once, as Python's default would."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
         self.signum: Optional[int] = None
@@ -70,12 +73,14 @@ class StopFlag:
         return self
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signum = signum
 
     def forward(self) -> None:
         """Hand the signal to whoever handled it before (submitit requeues the job there)."""
         previous = self._previous.get(self.signum)
-        if callable(previous):
+        if callable(previous) and previous is not signal.default_int_handler:
             previous(self.signum, None)
 
     def __exit__(self, *exc):
@@ -160,7 +165,7 @@ def _check_resumable(saved: dict, cfg: dict, path: Path) -> None:
 class Run:
     """The state of one training run, and the steps that move it forward."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path):
+    def __init__(self, cfg: TrainConfig, run_dir: Path, lock: Optional[RunFolderLock] = None):
         check(cfg)
         self.cfg, self.dir = cfg, run_dir
         self.config_dict = dataclasses.asdict(cfg)
@@ -172,12 +177,16 @@ class Run:
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.rank, self.world, self.device, self._owns_group = distributed.setup(t.device)
+        self.lock = lock
+        # Same seed on every process: identical initial weights and data order. Stochastic
+        # rounding draws from a stream of its own per process and step (seed_step).
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
         self.train_loader, self.val_loader, info = data.loaders(cfg.data, cfg.seed)
         self.model = build_model(cfg, info).to(self.device)
+        self.coverage = coverage(self.model)
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
@@ -185,10 +194,11 @@ class Run:
             distributed.sync_norms(self.model)
             self.net = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.model, cfg.optim)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.precision == "16-mixed")
         self.steps_per_epoch = len(self.train_loader)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, LRFactor(cfg.schedule, self.steps_per_epoch, t.epochs)
-        )
+        # The learning rate is a closed-form function of the step under the current config, so
+        # a resumed run follows the schedule it is asked for now (extending a run included).
+        self.lr_factor = LRFactor(cfg.schedule, self.steps_per_epoch, t.epochs)
         self.epoch = self.step = self.batch_in_epoch = 0
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, examples of the epoch so far
         self.best_top1 = -1.0
@@ -196,21 +206,25 @@ class Run:
         self.fidelity: dict = {}  # the last diagnostics' means per tensor kind
         self.wall_before = 0.0  # seconds spent by earlier (interrupted) sessions
         self.images = 0
+        self.saved: Optional[tuple[Path, int]] = None  # the last finite checkpoint written: (path, step)
         self.t0 = time.time()
         self.resumed = self._resume()
+        self.set_lr()
         self.writer = None
+
+    def open_writer(self) -> None:
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step drops events a killed session logged after its last checkpoint.
-            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=self.step if self.resumed else None)
+            self.writer = SummaryWriter(str(self.dir / "tb"), purge_step=self.step if self.resumed else None)
 
     # ---- checkpoints ----
     def state(self) -> dict:
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
@@ -225,26 +239,55 @@ class Run:
         }
 
     def save(self, best: bool = False) -> None:
-        if self.world > 1:  # every rank's RNG differs; rank 0 writes its own, all ranks wait
+        """Write last.pt (and best.pt, in one atomic pair) unless the state holds NaN or Inf:
+        a non-finite state is never saved over the last good one."""
+        if self.world > 1:  # rank 0 writes; every process has the same model and optimizer
             torch.distributed.barrier()
+        bad = None
         if self.rank == 0:
             state = self.state()
-            checkpoint.save(state, self.dir / "last.pt")
-            if best:
-                checkpoint.save(state, self.dir / "best.pt")
+            bad = checkpoint.first_non_finite({"model": state["model"], "optimizer": state["optimizer"]})
+            if bad is None:
+                last = self.dir / "last.pt"
+                checkpoint.save(state, last, also=[self.dir / "best.pt"] if best else [])
+                self.saved = (last, self.step)
         if self.world > 1:
             torch.distributed.barrier()
+        if distributed.any_true(bad is not None, self.device):
+            raise NonFiniteLossError(
+                f"non-finite values in {bad or 'the model'} after step {self.step} (epoch {self.epoch + 1}); "
+                f"{self._last_good()}"
+            )
+
+    def _last_good(self) -> str:
+        if self.saved is None:
+            return "no checkpoint was written (set trainer.checkpoint_every to save more often)"
+        return f"the last good checkpoint is {self.saved[0]} (step {self.saved[1]})"
+
+    def _newest_checkpoint(self) -> Optional[Path]:
+        """last.pt, or best.pt when a kill fell between the two renames of one save (best.pt is
+        renamed first, so it can be one save ahead)."""
+        last, best = self.dir / "last.pt", self.dir / "best.pt"
+        if not last.exists():
+            return best if best.exists() else None
+        if best.exists() and best.stat().st_mtime > last.stat().st_mtime and not os.path.samefile(best, last):
+            try:
+                if checkpoint.load(best)["step"] > checkpoint.load(last)["step"]:
+                    return best
+            except CheckpointError:
+                pass
+        return last
 
     def _resume(self) -> bool:
-        path = self.dir / "last.pt"
-        if not path.exists():
+        path = self._newest_checkpoint()
+        if path is None:
             return False
         state = checkpoint.load(path)
         _check_resumable(state["config"], self.config_dict, path)
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state.get("scaler", {}))
         except (RuntimeError, ValueError, KeyError) as err:
             raise CheckpointError(f"{path} does not fit this model: {str(err).splitlines()[0]}") from None
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
@@ -252,8 +295,22 @@ class Run:
         self.fidelity = state.get("fidelity", {})
         self.wall_before, self.images = state["wall_time_s"], state["images"]
         checkpoint.set_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
+        self.saved = (path, self.step)
+        if self.epoch >= self.cfg.trainer.epochs and self.batch_in_epoch == 0 and self.epoch > 0:
+            log.info("resumed from %s: the run has finished its %d epochs", path, self.epoch)
+        else:
+            log.info("resumed from %s at epoch %d, step %d", path, self.epoch, self.step)
         return True
+
+    def set_lr(self) -> None:
+        factor = self.lr_factor(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.optim.lr * factor
+
+    def seed_step(self) -> None:
+        """Stochastic rounding of this step draws from a stream of (seed, rank, step): its own on
+        every process, and nothing to restore on resume."""
+        seed_rounding(self.cfg.seed, self.rank, self.step)
 
     # ---- logging ----
     def scalar(self, tag: str, value: float, step: Optional[int] = None) -> None:
@@ -261,7 +318,8 @@ class Run:
             self.writer.add_scalar(tag, value, self.step if step is None else step)
 
     def diagnostics(self, x, y) -> None:
-        rows = layer_fidelity(self.model, x, y)  # every rank runs it: synchronized norms need all
+        with autocast(self.device, self.cfg.trainer.precision):
+            rows = layer_fidelity(self.model, x, y)  # every rank runs it: synchronized norms need all
         self.fidelity = {"step": self.step, **summarize(rows)}
         if self.writer is None:
             return
@@ -281,7 +339,7 @@ class Run:
     # ---- the loop ----
     def validate(self) -> bool:
         """Evaluate now; remember the figures; True if this is the best top-1 so far."""
-        val = evaluate(self.net, self.val_loader, self.device, self.cfg.trainer.channels_last)
+        val = evaluate(self.net, self.val_loader, self.device, self.cfg.trainer.channels_last, self.cfg.trainer.precision)
         for k in ("loss", "top1", "top5"):
             self.scalar(f"val/{k}", val[k])
         val["step"] = self.step
@@ -289,6 +347,20 @@ class Run:
         self.best_top1 = max(self.best_top1, val["top1"])
         self.last_val = val
         return best
+
+    def _batches(self, bar, stop: StopFlag):
+        """The loader's batches; a loader that fails because a stop signal reached its worker
+        processes too (Ctrl-C goes to the whole process group) ends the epoch early instead."""
+        it = iter(bar)
+        while True:
+            try:
+                yield next(it)
+            except StopIteration:
+                return
+            except RuntimeError:
+                if stop.signum is None:
+                    raise
+                return
 
     def train_steps(self, stop: StopFlag) -> bool:
         """Train from the current position to the end of the epoch; False if stopped early."""
@@ -300,25 +372,29 @@ class Run:
             desc=f"epoch {self.epoch + 1}/{t.epochs}", leave=False, dynamic_ncols=True,
             disable=not (t.progress and self.rank == 0 and sys.stderr.isatty()),
         )
-        for x, y in bar:
+        for x, y in self._batches(bar, stop):
+            if stop.signum is not None:
+                break
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            self.seed_step()
             if t.diagnostics_every and self.step % t.diagnostics_every == 0:
                 self.diagnostics(x, y)
-            out = self.net(x)
-            loss = F.cross_entropy(out, y)
+            with autocast(self.device, t.precision):
+                out = self.net(x)
+                loss = F.cross_entropy(out.float(), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch {self.epoch + 1}); "
-                    f"the last good checkpoint is {self.dir / 'last.pt'}"
+                    f"non-finite loss ({loss.item()}) at step {self.step + 1} (epoch {self.epoch + 1}); {self._last_good()}"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.scheduler.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
             self.step += 1
             self.batch_in_epoch += 1
+            self.set_lr()
             self.images += len(y) * self.world
             correct = correct_topk(out.detach(), y, ks=(1,))[0]
             s = self.epoch_sums
@@ -331,16 +407,18 @@ class Run:
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save()
             if stop.signum is not None or (t.max_steps is not None and self.step >= t.max_steps):
-                bar.close()
-                return False
-        return True
+                break
+        bar.close()
+        return self.batch_in_epoch == self.steps_per_epoch
 
     def run(self) -> dict:
         t = self.cfg.trainer
         log.info(
-            "%s: %s on %s, %d steps per epoch, %d process(es), device %s",
-            self.cfg.name or "run", self.cfg.model.name, self.cfg.data.name, self.steps_per_epoch, self.world, self.device,
+            "%s: %s on %s, %d steps per epoch, %d process(es), device %s, precision %s",
+            self.cfg.name or "run", self.cfg.model.name, self.cfg.data.name, self.steps_per_epoch, self.world,
+            self.device, t.precision,
         )
+        log.info("%s", self.coverage.summary())
         with StopFlag() as stop:
             while self.epoch < t.epochs and (t.max_steps is None or self.step < t.max_steps):
                 epoch_start, images_start = time.time(), self.images
@@ -385,8 +463,10 @@ class Run:
             "wall_time_s": wall,
             "images_per_s": self.images / max(wall, 1e-9),
             "fidelity": self.fidelity,
+            "coverage": self.coverage.as_dict(),
             "processes": self.world,
             "device": str(self.device),
+            "precision": self.cfg.trainer.precision,
             "threads": torch.get_num_threads(),
             "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": _tv_version()},
@@ -394,7 +474,7 @@ class Run:
             "config": self.config_dict,
         }
         if self.rank == 0:
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             self._hparams(summary)
             self.writer.close()
         log.info("done: val top1 %.2f top5 %.2f (best %.2f) after %d steps, %.0f s", summary["val_top1"],
@@ -407,7 +487,7 @@ class Run:
             summary = {"name": self.cfg.name, "status": "diverged", "error": str(err), "steps": self.step,
                        "val_top1": None, "val_top5": None, "wall_time_s": self.wall_before + time.time() - self.t0,
                        "fidelity": self.fidelity, "config": self.config_dict}
-            (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def _hparams(self, summary: dict) -> None:
         """hparams in the run's own event file (add_hparams would make a sub-run)."""
@@ -436,14 +516,10 @@ def build_model(cfg: TrainConfig, info: data.DatasetInfo, quantized: bool = True
     return convert(model, qc)
 
 
-def evaluate_checkpoint(
-    path, quantized: bool = True, data_changes: Optional[dict] = None, device: str = "auto"
-) -> tuple[dict, Path]:
-    """Top-1 / top-5 of a checkpoint's model in eval mode on its validation split.
-
-    data_changes: changes to the saved data config (root, val_subset, ...). The result is also written
-    beside the checkpoint as <stem>.eval.json (or <stem>.eval-float.json); returns (result, path).
-    """
+def evaluate_checkpoint(path, quantized: bool = True, data_changes: Optional[dict] = None, device: str = "auto") -> dict:
+    """Top-1 / top-5 of a checkpoint's model in eval mode on its validation split, at the
+    precision it was trained with. data_changes: changes to the saved data config (root,
+    val_subset, ...). save_evaluation writes the result beside the checkpoint."""
     from .train_config import from_dict
 
     path = Path(path)
@@ -463,15 +539,24 @@ def evaluate_checkpoint(
             model.load_state_dict(state["model"])
         except RuntimeError as err:
             raise CheckpointError(f"{path} does not fit its own config's model: {str(err).splitlines()[0]}") from None
-        result = evaluate(model, val_loader, dev)
+        result = evaluate(model, val_loader, dev, precision=cfg.trainer.precision)
     finally:
         if owns:
             torch.distributed.destroy_process_group()
-    result.update(checkpoint=str(path), quantized=quantized, epoch=state["epoch"], step=state["step"])
-    out = path.with_name(f"{path.stem}.eval{'' if quantized else '-float'}.json")
-    if rank == 0:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-    return result, out
+    result.update(checkpoint=str(path), quantized=quantized, epoch=state["epoch"], step=state["step"], rank=rank)
+    return result
+
+
+def save_evaluation(result: dict) -> Optional[Path]:
+    """Write an evaluate_checkpoint result as <stem>.eval.json (or .eval-float.json) beside its
+    checkpoint, on rank 0; returns the path (None on other ranks)."""
+    result = dict(result)
+    if result.pop("rank", 0) != 0:
+        return None
+    path = Path(result["checkpoint"])
+    out = path.with_name(f"{path.stem}.eval{'' if result['quantized'] else '-float'}.json")
+    write_text(out, json.dumps(result, indent=2) + "\n")
+    return out
 
 
 def _tv_version() -> str:
@@ -480,15 +565,34 @@ def _tv_version() -> str:
     return torchvision.__version__
 
 
-def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
-    """Train (or resume) the run in run_dir and return its summary (also in summary.json)."""
+def train(cfg: TrainConfig, run_dir: str | Path, resolved_config: Optional[str] = None) -> dict:
+    """Train (or resume) the run in run_dir and return its summary (also in summary.json).
+
+    The run folder is locked while the run trains (a second process is refused with one line);
+    resolved_config (the text of config.yaml) is written only once the run is accepted, so a
+    refused resume or a bad value never replaces the config of the run already there.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    run = Run(cfg, run_dir)
     try:
-        return run.run()
-    except NonFiniteLossError as err:
-        run.record_failure(err)  # a diverged run is a result too: the tables show it
-        raise
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"cannot create the run folder {run_dir}: {err.strerror or err}") from None
+    lock = RunFolderLock(run_dir).acquire() if distributed.env_rank() == 0 else None
+    try:
+        if lock is not None:
+            for stale in checkpoint.clean_temporaries(run_dir):
+                log.info("removed %s, left by a save that was killed", stale.name)
+        run = Run(cfg, run_dir)
+        try:
+            if run.rank == 0 and resolved_config is not None:
+                write_text(run_dir / "config.yaml", resolved_config)
+            run.open_writer()
+            return run.run()
+        except NonFiniteLossError as err:
+            run.record_failure(err)  # a diverged run is a result too: the tables show it
+            raise
+        finally:
+            run.close()
     finally:
-        run.close()
+        if lock is not None:
+            lock.release()

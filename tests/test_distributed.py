@@ -65,6 +65,37 @@ def test_synchronized_range_bn_and_gradients_equal_one_process(tmp_path):
         assert torch.allclose(got["grads"][name], value, atol=1e-5), name
 
 
+def rounding_worker(rank, world, init_file, out):
+    """Every process quantizes the same gradient the way the trainer seeds it (seed, rank, step)."""
+    from q8.trainer import Run
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    run = Run.__new__(Run)  # only the seeding: no data, no model
+    run.cfg, run.rank, run.step = type("C", (), {"seed": 0})(), rank, 7
+    run.seed_step()
+    g = torch.linspace(-1, 1, 20_000)
+    err = q8.quantize(g, 4, rounding="stochastic") - g
+    errors = [torch.empty_like(err) for _ in range(world)]
+    dist.all_gather(errors, err)
+    if rank == 0:
+        torch.save(torch.stack(errors), out)
+    dist.destroy_process_group()
+
+
+def test_every_process_draws_its_own_rounding_noise(tmp_path):
+    """The same element on two processes must not round the same way: the rounding errors of
+    the two ranks are uncorrelated, so the noise averages down over processes."""
+    out = tmp_path / "errors.pt"
+    mp.spawn(rounding_worker, args=(2, str(tmp_path / "pg"), str(out)), nprocs=2, join=True)
+    errors = torch.load(out)
+    corr = torch.corrcoef(errors)[0, 1].item()
+    assert abs(corr) < 0.03, corr  # 20k samples: std of the estimate about 0.007
+    q8.seed_rounding(0, 0, 7)
+    g = torch.linspace(-1, 1, 20_000)
+    assert torch.equal(errors[0], q8.quantize(g, 4, rounding="stochastic") - g)  # reproducible from (seed, rank, step)
+    q8.seed_rounding(None)
+
+
 def test_unsynchronized_statistics_would_differ(tmp_path):
     """The comparison above can fail: per-process Range BN gives other statistics."""
     x, y = batch()
@@ -73,17 +104,25 @@ def test_unsynchronized_statistics_would_differ(tmp_path):
     assert not torch.allclose(whole["1.running_var"], half["1.running_var"], atol=1e-6)
 
 
-def test_torchrun_two_processes_share_one_run_folder(tmp_path):
+def torchrun(fm, run_dir, tmp_path, *extra):
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
+           f"data.root={fm}", "data.batch_size=32", "data.workers=0", "data.eval_batch_size=16", "data.train_subset=null",
+           "++model.kwargs.width=4", "trainer.epochs=1", "trainer.progress=false", "trainer.deterministic=true",
+           "norm.chunks=4", f"hydra.run.dir={run_dir}", *extra]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return env
+
+
+def test_torchrun_int8_range_bn_chunks_share_one_run_folder_and_resume_exactly(tmp_path):
+    """int8 with Range BN chunks on two processes; a run stopped after 2 steps and resumed
+    equals the uninterrupted one (each rank's rounding stream comes from (seed, rank, step))."""
     from tests import fakedata
 
     fm = fakedata.fashion_mnist(tmp_path / "fm", n_train=128, n_test=50)
     run_dir = tmp_path / "run"
-    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "train.py",
-           f"data.root={fm}", "data.batch_size=32", "data.workers=0", "data.eval_batch_size=16", "data.train_subset=null",
-           "++model.kwargs.width=4", "trainer.epochs=1", "trainer.progress=false", f"hydra.run.dir={run_dir}"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout + p.stderr
+    env = torchrun(fm, run_dir, tmp_path)
     import json
 
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -92,3 +131,10 @@ def test_torchrun_two_processes_share_one_run_folder(tmp_path):
     subprocess.run([sys.executable, "evaluate.py", f"checkpoint={run_dir / 'last.pt'}"], cwd=ROOT, env=env, timeout=300, check=True)
     ev = json.loads((run_dir / "last.eval.json").read_text())
     assert ev["count"] == 50 and ev["top1"] == pytest.approx(summary["val_top1"])  # every example once
+
+    resumed = tmp_path / "resumed"
+    torchrun(fm, resumed, tmp_path, "trainer.max_steps=2")
+    torchrun(fm, resumed, tmp_path)
+    a, b = (torch.load(d / "last.pt", weights_only=True)["model"] for d in (run_dir, resumed))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,0 +1,71 @@
+"""A run folder belongs to one training process at a time: an advisory lock, and atomic writes
+of the small files beside the checkpoints."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import RunFolderError
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderLock:
+    """An exclusive flock on <run_dir>/.lock, held while a run trains there.
+
+    The kernel releases it when the holder exits, however it exits (kill -9, a node crash on a
+    local disk), so a lock left by a dead process is never in the way; the file keeps the
+    holder's host and pid only to say who holds it.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / LOCK_NAME
+        self.fd: Optional[int] = None
+
+    def acquire(self) -> "RunFolderLock":
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise RunFolderError(f"cannot write to the run folder {self.path.parent}: {err.strerror or err}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunFolderError(
+                f"{self.path.parent} is in use by {holder}; wait for it to finish or choose another run folder "
+                "(hydra.run.dir=...)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Replace a small text file atomically (summary.json, config.yaml)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
