@@ -246,7 +246,8 @@ class Run:
         bad = None
         if self.rank == 0:
             state = self.state()
-            bad = checkpoint.first_non_finite({"model": state["model"], "optimizer": state["optimizer"]})
+            model = {k: v for k, v in state["model"].items() if not k.endswith("act_range")}  # NaN: not yet seen
+            bad = checkpoint.first_non_finite({"model": model, "optimizer": state["optimizer"]})
             if bad is None:
                 last = self.dir / "last.pt"
                 checkpoint.save(state, last, also=[self.dir / "best.pt"] if best else [])

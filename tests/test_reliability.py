@@ -238,10 +238,6 @@ def test_a_regular_file_as_run_folder_and_cuda_without_gpu_are_one_line(fm, tmp_
             trainer.train(cfg, tmp_path / "run")
 
 
-def test_readme_command_model_resnet18_runs(fm, tmp_path):
-    """The quickstart's half-width ResNet-20 is a model config, not kwargs forced on every model."""
-    run("train.py", tiny(fm, tmp_path / "run", "model=resnet18", "trainer.max_steps=1", "~model.kwargs.width"), tmp_path)
-
 
 # ---- disk full, read-only folders: nothing written is lost --------------------------------------
 
