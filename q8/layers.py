@@ -19,8 +19,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .config import LayerQuant
-from .quantize import (Codes, quantize, quantize_grad, quantize_tensor, quantize_with_codes, sample_mean_range,
-                       uniform_noise)
+from . import kernels
+from .quantize import (Codes, quantize, quantize_grad, quantize_tensor, quantize_with_codes, rounding_seed,
+                       sample_mean_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
 
@@ -36,6 +37,11 @@ def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: 
     if not spec.bifurcated:
         g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding)
         return g_in, g_in
+    if (need_input and need_weight and None not in (spec.grad_bits, spec.grad_weight_bits)
+            and spec.grad_rounding == "stochastic" and kernels.backend() == "compiled" and g.numel()):
+        # both copies from one read of g, the dither hashed in the same loop (q8.kernels)
+        return kernels.get("gradient_copies")(g, kernels.top(spec.grad_bits, g), kernels.top(spec.grad_weight_bits, g),
+                                              rounding_seed(g, "stochastic"))
     g_in = g_w = None
     noise = None
     if need_input:
@@ -65,11 +71,12 @@ class ActivationRange(nn.Module):
         self.probe: Optional[dict] = None  # set by q8.diagnostics to record tensors
         self.register_buffer("act_range", torch.full((2,), float("nan"), device=device))
 
-    def _act_bounds(self, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _act_bounds(self, x: Tensor, batch_range: Optional[tuple] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """batch_range: the batch's sample-mean (lo, hi) when the caller has it already."""
         if self.spec.act_bits is None:
             return None, None
         if self.training:
-            lo, hi = sample_mean_range(x)
+            lo, hi = sample_mean_range(x) if batch_range is None else batch_range
             with torch.no_grad():
                 batch = torch.stack([lo, hi]).to(self.act_range.dtype)
                 run = self.act_range
@@ -407,45 +414,54 @@ class _Extrema:
 
     The extremes are found in forward, on the input before the activation quantizer: its
     8-bit grid clips the tails (the per-sample-mean range), and the range of the clipped
-    values would underestimate sigma (METHOD.md section 3). One chunk: reductions in the
-    input's own layout (no copy). Several: a channels-first copy split into near-equal chunks.
+    values would underestimate sigma (METHOD.md section 3). A tie goes to the first element
+    (a valid subgradient of max). One chunk: from each (sample, channel)'s max and min
+    (per_sample, or computed here), the channel's extreme and the sample holding it, then the
+    place within that sample; several chunks: a channels-first copy split into near-equal chunks.
     """
 
-    def __init__(self, x: Tensor, chunks: int, group):
+    def __init__(self, x: Tensor, chunks: int, group, per_sample: Optional[tuple] = None):
         C = x.shape[1]
         self.n = x.numel() // C
         self.chunks = chunk_sizes(self.n, chunks)[0]
         world = dist.get_world_size(group) if group is not None else 1
         self.points = []  # (index tuple into x, channel, signed share of the range gradient)
         if self.chunks == 1:
-            dims = [d for d in range(x.dim()) if d != 1]
-            hi, lo = x.amax(dims), x.amin(dims)
-            # one range per channel: under a process group, the global batch's max and min
-            _all_reduce(hi, dist.ReduceOp.MAX, group)
-            _all_reduce(lo, dist.ReduceOp.MIN, group)
-            self.range_sum, self.total = hi - lo, 1
-            shape = (1, C) + (1,) * (x.dim() - 2)
-            for ext, sign in ((hi, 1.0), (lo, -1.0)):
-                where = (x == ext.view(shape)).nonzero(as_tuple=True)  # few: the extremes and ties
-                count = torch.bincount(where[1], minlength=C).to(x.dtype)
-                _all_reduce(count, dist.ReduceOp.SUM, group)  # ties across processes share too
-                self.points.append((where, where[1], sign / count.clamp_min(1)[where[1]]))
+            highs, lows = per_sample if per_sample is not None else sample_channel_extremes(x)
+            channel = torch.arange(C, device=x.device)
+            self.range_sum = 0
+            for sign, per_nc in ((1.0, highs), (-1.0, lows)):
+                ext, sample = per_nc.max(0) if sign > 0 else per_nc.min(0)  # [C]: value, sample holding it
+                ext = ext.to(x.dtype)
+                share = torch.full_like(ext, sign)
+                if group is not None:  # one range per channel over the global batch; ties across processes share
+                    local = ext.clone()
+                    _all_reduce(ext, dist.ReduceOp.MAX if sign > 0 else dist.ReduceOp.MIN, group)
+                    owner = (local == ext).to(ext.dtype)
+                    holders = owner.clone()
+                    _all_reduce(holders, dist.ReduceOp.SUM, group)
+                    share = sign * owner / holders.clamp_min(1)
+                self.range_sum = self.range_sum + sign * ext
+                rows = x[sample, channel].reshape(C, -1)  # the holding sample's values: 1/N of the input
+                flat = rows.argmax(1) if sign > 0 else rows.argmin(1)
+                space = torch.unravel_index(flat, tuple(x.shape[2:])) if x.dim() > 2 else ()
+                self.points.append(((sample, channel) + tuple(space), channel, share))
+            self.total = 1
             return
-        k, m, r = chunk_sizes(self.n, chunks)
         self.range_sum = x.new_zeros(C)
         offset = 0
         for gr in _chunk_groups(_channels_first(x), chunks):  # [C, count, size] views
-            size = gr.shape[2]
-            for ext, sign in ((gr.amax(2), 1.0), (gr.amin(2), -1.0)):
+            count, size = gr.shape[1], gr.shape[2]
+            for sign, reduce in ((1.0, torch.max), (-1.0, torch.min)):
+                ext, j = reduce(gr, dim=2)  # [C, count]
                 self.range_sum += sign * ext.sum(1)
-                at = gr == ext.unsqueeze(2)
-                c, chunk, j = at.nonzero(as_tuple=True)
-                count = at.sum(2)[c, chunk].to(x.dtype)
-                position = offset + chunk * size + j  # in the channel's n values: (batch, spatial...)
+                c = torch.arange(C, device=x.device).repeat_interleave(count)
+                chunk = torch.arange(count, device=x.device).repeat(C)
+                position = offset + chunk * size + j.flatten()  # in the channel's n values: (batch, spatial...)
                 batch_and_space = torch.unravel_index(position, (x.shape[0],) + tuple(x.shape[2:]))
                 where = (batch_and_space[0], c) + tuple(batch_and_space[1:])
-                self.points.append((where, c, sign / count))
-            offset += gr.shape[1] * size
+                self.points.append((where, c, torch.full((C * count,), sign, dtype=x.dtype, device=x.device)))
+            offset += count * size
         _all_reduce(self.range_sum, dist.ReduceOp.SUM, group)
         self.total = self.chunks * world  # chunks are per process
 
@@ -453,11 +469,20 @@ class _Extrema:
         return self.range_sum / self.total
 
     def add_grad(self, grad_x: Tensor, d_range: Tensor) -> Tensor:
-        """grad_x += d_range[c] * d(mean range)/dx, shared evenly among tied extremes."""
+        """grad_x += d_range[c] * d(mean range)/dx at each extreme."""
         per_channel = d_range / self.total
         for where, channel, share in self.points:
             grad_x.index_put_(where, per_channel[channel] * share, accumulate=True)
         return grad_x
+
+
+def sample_channel_extremes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Max and min of every (sample, channel) of x [N, C, ...]: two [N, C] tensors (float32 at least)."""
+    dims = tuple(range(2, x.dim()))
+    xf = _as(x.detach(), _stat_dtype(x))
+    if not dims:
+        return xf, xf
+    return xf.amax(dims), xf.amin(dims)
 
 
 def _stat_dtype(x: Tensor) -> torch.dtype:
@@ -479,7 +504,7 @@ class RangeBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, chunks, constant,
-                act: Optional[tuple], grad: Optional[tuple], group):
+                act: Optional[tuple], grad: Optional[tuple], group, extremes: Optional[tuple] = None):
         x_dtype, dtype = x.dtype, _stat_dtype(x)
         xf = _as(x, dtype)
         if act is not None:
@@ -497,7 +522,7 @@ class RangeBNFunction(torch.autograd.Function):
         mean = sums[0] / sums[1]
         # the global count is only unknown under a process group (which synchronizes anyway)
         n = n_local if group is None else int(sums[1, 0].item())
-        extrema = _Extrema(xf, chunks, group)
+        extrema = _Extrema(xf, chunks, group, extremes)
         # one range per channel is taken over all n values (of every process); chunks are local
         if extrema.chunks == 1:
             divisor = mean_expected_range(n, 1, constant)
@@ -546,7 +571,7 @@ class RangeBNFunction(torch.autograd.Function):
             # (gy - mean(gy)) / s - y_hat * ... : the range term replaces BN's variance term
             grad_x = torch.addcmul((-sums[0] / (n * s)).view(shape), g, (w / s).view(shape))
             grad_x = _as(extrema.add_grad(grad_x, d_range), ctx.x_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
@@ -603,12 +628,16 @@ class RangeBatchNorm2d(_QuantizedNorm):
             return self._eval_forward(x)
         s = self.spec
         factor = self._factor()
-        lo, hi = self._act_bounds(x)
+        # Each (sample, channel)'s max and min: one pass each, which gives both the activation
+        # quantizer's per-sample-mean range and (one chunk) Range BN's extremes.
+        with torch.no_grad():
+            highs, lows = sample_channel_extremes(x)
+        lo, hi = self._act_bounds(x, (lows.amin(1).mean(), highs.amax(1).mean()))
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
         grad = (s.grad_bits, s.grad_rounding) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
         return RangeBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var, factor,
-                                     self.eps, self.chunks, self.constant, act, grad, group)
+                                     self.eps, self.chunks, self.constant, act, grad, group, (highs, lows))
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunks={self.chunks}, constant={self.constant}"

@@ -114,17 +114,40 @@ def test_gradcheck(chunks):
     )
 
 
-def test_gradient_with_ties_splits_like_amax():
-    """Quantized inputs have many equal values at the max and min; the range's gradient is
-    shared among them, as autograd through amax / amin shares it."""
+@pytest.mark.parametrize("chunks", [1, 2])
+def test_gradient_with_ties_goes_to_one_extreme(chunks):
+    """Many equal values at the max and min (integer-valued input): the range's gradient goes to
+    one of them (the first, as torch.max(dim) picks it), a subgradient of max; its sum over the
+    tied elements, and the gradient everywhere else, equal autograd through amax / amin."""
     x = torch.randint(0, 4, (4, 2, 3, 3)).double().requires_grad_()
     x2 = x.detach().clone().requires_grad_()
-    bn = RangeBatchNorm2d(2, chunks=2).double()
+    bn = RangeBatchNorm2d(2, chunks=chunks).double()
     g = torch.randn(4, 2, 3, 3, dtype=torch.float64)
     bn(x).backward(g)
-    ref, _, _ = reference_range_bn(x2, bn.weight, bn.bias, 2, "exact")
+    ref, _, _ = reference_range_bn(x2, bn.weight, bn.bias, chunks, "exact")
     ref.backward(g)
-    assert torch.allclose(x.grad, x2.grad, atol=1e-10)
+    v = x.detach()
+    if chunks == 1:
+        tied = (v == v.amax((0, 2, 3), keepdim=True)) | (v == v.amin((0, 2, 3), keepdim=True))
+        assert torch.allclose(x.grad[~tied], x2.grad[~tied], atol=1e-10)
+        for c in range(2):
+            for ext in (v[:, c].max(), v[:, c].min()):
+                at = v[:, c] == ext
+                assert torch.allclose(x.grad[:, c][at].sum(), x2.grad[:, c][at].sum(), atol=1e-10)
+    assert torch.allclose(x.grad.sum((0, 2, 3)), x2.grad.sum((0, 2, 3)), atol=1e-10)
+
+
+def test_channels_last_input_gives_the_same_result():
+    bn = RangeBatchNorm2d(3, spec=LayerQuant(act_bits=8, grad_bits=None)).double()
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64)
+    g = torch.randn_like(x)
+    out = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xx = x.clone(memory_format=layout).requires_grad_()
+        y = bn(xx)
+        y.backward(g)
+        out.append((y.detach(), xx.grad))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-12) and torch.allclose(out[0][1], out[1][1], atol=1e-12)
 
 
 @pytest.mark.parametrize("chunks", [1, 3])

@@ -1,0 +1,193 @@
+"""Fused quantization kernels: one pass per quantization instead of one per elementwise op.
+
+Each kernel is plain torch code that torch.compile (inductor) turns into one C++/OpenMP loop on
+CPU and one Triton kernel on GPU: grid position, rounding, clamp, the dequantized values and the
+uint8 codes, from a single read of the input. Stochastic rounding draws no random tensor: its
+dither is a counter-based hash of (a per-call seed, the element's index), computed inside the
+same loop on every core, so the noise costs no extra pass and is reproducible from the seed.
+
+The backend is chosen once per process: Q8_KERNELS=compiled | eager | auto (default: compiled
+where a C++ compiler is present, else eager with one line saying so). `set_backend` changes it.
+The eager backend is q8/quantize.py's op-by-op path; both give bit-identical round-to-nearest
+results (tested), while stochastic rounding draws a different but equally unbiased stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger("q8")
+BACKENDS = ("auto", "compiled", "eager")
+_M32 = 0xFFFFFFFF
+_state = {"backend": None, "compiled": {}, "compile_s": 0.0}
+
+
+def _default_backend() -> str:
+    wanted = os.environ.get("Q8_KERNELS", "auto")
+    if wanted not in BACKENDS:
+        raise ValueError(f"Q8_KERNELS must be one of {BACKENDS}, got {wanted!r}")
+    if wanted != "auto":
+        return wanted
+    if shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++"):
+        return "compiled"
+    log.warning("q8: no C++ compiler found; quantization runs op by op (eager), slower")
+    return "eager"
+
+
+def backend() -> str:
+    """The backend in use: "compiled" or "eager"."""
+    if _state["backend"] is None:
+        _state["backend"] = _default_backend()
+    return _state["backend"]
+
+
+def set_backend(name: str) -> None:
+    """Use the "compiled" or "eager" kernels from now on ("auto": as Q8_KERNELS / the machine says)."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _state["backend"] = None if name == "auto" else name
+
+
+def compile_seconds() -> float:
+    """Seconds this process spent compiling kernels at first use (0 when loaded from the cache)."""
+    return _state["compile_s"]
+
+
+# ---- the kernels, as plain torch code --------------------------------------------------------
+
+
+def hash_uniform(seed: Tensor, like: Tensor) -> Tensor:
+    """U[0, 1) on a 2^-24 grid, one per element of `like`: a 32-bit integer hash of (seed, index).
+
+    All products stay below 2^63 (32-bit values times multipliers below 2^31), so the int64
+    arithmetic never overflows, on any backend.
+    """
+    index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    # mix the index, then mix again with the seed: two calls' streams never line up shifted
+    h = _mix32(_mix32(index & _M32) ^ seed)
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _mix32(h: Tensor) -> Tensor:
+    """A bijective 32-bit integer mixer (xor-shift-multiply rounds)."""
+    h = ((h ^ (h >> 16)) * 0x7FEB352D) & _M32
+    h = ((h ^ (h >> 15)) * 0x6A09E667) & _M32
+    return h ^ (h >> 16)
+
+
+def _positions(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, noise: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Grid positions k in 0..top (float) and the step, as q8.quantize.grid_positions computes them.
+    top = 2^b - 1 comes as a tensor: one compiled kernel serves every bit-width."""
+    xw = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    lo, hi, top = lo.to(xw.dtype), hi.to(xw.dtype), top.to(xw.dtype)
+    scale = (hi - lo) / top
+    v = (xw - lo) / torch.where(scale > 0, scale, torch.ones_like(scale))
+    v = v.round() if noise is None else (v + noise.to(v.dtype)).floor()
+    return torch.minimum(v.clamp_min(0), top), scale
+
+
+def _values(k: Tensor, lo: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    return (k * scale + lo.to(scale.dtype)).to(dtype)
+
+
+def k_nearest(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor) -> Tensor:
+    """Quantize-dequantize over [lo, hi], round to nearest."""
+    k, scale = _positions(x, lo, hi, top, None)
+    return _values(k, lo, scale, x.dtype)
+
+
+def k_stochastic(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, seed: Tensor) -> Tensor:
+    """Quantize-dequantize over [lo, hi], stochastic rounding dithered by hash_uniform(seed)."""
+    k, scale = _positions(x, lo, hi, top, hash_uniform(seed, x))
+    return _values(k, lo, scale, x.dtype)
+
+
+def k_nearest_own_range(x: Tensor, top: Tensor) -> Tensor:
+    """Round to nearest over x's own min and max (weights)."""
+    lo, hi = torch.aminmax(x)
+    return k_nearest(x, lo, hi, top)
+
+
+def k_stochastic_own_range(x: Tensor, top: Tensor, seed: Tensor) -> Tensor:
+    """Stochastic rounding over x's own min and max (gradients)."""
+    lo, hi = torch.aminmax(x)
+    return k_stochastic(x, lo, hi, top, seed)
+
+
+def k_quantize_with_codes(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, code_dtype: torch.dtype):
+    """(values, integer codes, step) with round to nearest: a layer's forward and what it saves."""
+    k, scale = _positions(x, lo, hi, top, None)
+    return _values(k, lo, scale, x.dtype), k.to(code_dtype), scale
+
+
+def k_gradient_copies(g: Tensor, top_in: Tensor, top_w: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """Both copies of gradients bifurcation from one read of g: Q(g) with top_in levels dithered
+    with u, Q(g) with top_w levels dithered with frac(256 u), u from the hash (see
+    q8.layers.gradient_copies)."""
+    lo, hi = torch.aminmax(g)
+    u = hash_uniform(seed, g)
+    k_in, s_in = _positions(g, lo, hi, top_in, u)
+    k_w, s_w = _positions(g, lo, hi, top_w, (u * 256).frac())
+    return _values(k_in, lo, s_in, g.dtype), _values(k_w, lo, s_w, g.dtype)
+
+
+KERNELS: dict[str, Callable] = {f.__name__[2:]: f for f in (
+    k_nearest, k_stochastic, k_nearest_own_range, k_stochastic_own_range, k_quantize_with_codes, k_gradient_copies)}
+
+
+def get(name: str) -> Callable:
+    """The kernel `name` for the current backend (compiled once per process, timed).
+
+    Compiled without fullgraph: should a new input kind exceed dynamo's recompile limit, that
+    call runs the same code op by op (correct, only slower) instead of failing.
+    """
+    fn = KERNELS[name]
+    if backend() == "eager":
+        return fn
+    compiled = _state["compiled"].get(name)
+    if compiled is None:
+        compiled = _state["compiled"][name] = _timed(torch.compile(fn, dynamic=True))
+    return compiled
+
+
+def top(bits: int, like: Tensor) -> Tensor:
+    """2^b - 1 as a 0-d tensor on like's device (a kernel argument, so no recompile per bit-width)."""
+    key = (bits, like.device)
+    cached = _tops.get(key)
+    if cached is None:
+        cached = _tops[key] = torch.tensor(float((1 << bits) - 1), device=like.device)
+    return cached
+
+
+_tops: dict = {}
+
+
+def _timed(fn: Callable) -> Callable:
+    """Counts the first call of each new specialization (dtype, bits, rank) as compile time."""
+    seen: set = set()
+
+    def call(*args):
+        key = tuple((a.dtype, a.dim(), a.device.type) if isinstance(a, Tensor) else a for a in args)
+        if key in seen:
+            return fn(*args)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        _state["compile_s"] += time.perf_counter() - t0
+        seen.add(key)
+        return out
+
+    return call
+
+
+def draw_seed(device: torch.device, generator: Optional[torch.Generator]) -> Tensor:
+    """A fresh 31-bit seed for one stochastic kernel call, from the rounding stream (q8's own
+    generator when seeded, else torch's default one of `device`)."""
+    where = generator.device if generator is not None else device
+    return torch.randint(0, 2**31 - 1, (), generator=generator, device=where, dtype=torch.int64)

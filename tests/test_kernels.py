@@ -1,0 +1,126 @@
+"""The fused (compiled) kernels against the op-by-op path: round to nearest bit-identical;
+stochastic rounding unbiased, with the eager path's error variance, reproducible from its seed."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import q8
+import q8.models
+from q8 import LayerQuant, kernels
+from q8.layers import gradient_copies
+from q8.quantize import fake_quantize, quantize_tensor, quantize_with_codes, sample_mean_range
+
+
+@pytest.fixture
+def backend():
+    """Run a function under both backends: backend(name) switches."""
+    yield kernels.set_backend
+    kernels.set_backend("eager")
+
+
+SHAPES = [(7, 5, 3, 9), (33, 17), (1, 3, 1, 1), (64,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_round_to_nearest_is_bit_identical(backend, dtype):
+    torch.manual_seed(0)
+    xs = [(torch.randn(shape) * 3 + 0.5).to(dtype) for shape in SHAPES]
+    out = {}
+    for name in ("eager", "compiled"):
+        backend(name)
+        got = []
+        for x in xs:
+            lo, hi = sample_mean_range(x) if x.dim() > 1 else (x.min(), x.max())
+            values, codes = quantize_with_codes(x, 8, lo, hi)
+            got += [lo, hi, values, codes.codes, codes.scale, codes.dequantize(), quantize_tensor(x, 8, "nearest"),
+                    fake_quantize(x, 4, -1.0, 2.0), quantize_tensor(x, 16, "nearest")]
+        out[name] = got
+    for a, b in zip(out["eager"], out["compiled"]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_stochastic_rounding_is_unbiased_with_the_eager_variance(backend):
+    x = torch.linspace(-1, 1, 101).expand(4000, -1).contiguous()
+    err = {}
+    for name in ("eager", "compiled"):
+        backend(name)
+        torch.manual_seed(0)
+        err[name] = fake_quantize(x, 8, -1.0, 1.0, "stochastic") - x
+    step = 2 / 255
+    assert (err["compiled"].abs() < step).all()
+    assert err["compiled"].mean(0).abs().max() < 4 * (step / 2) / math.sqrt(4000)
+    # the rounding error's variance is p (1 - p) step^2 per value, whatever the stream
+    ve, vc = err["eager"].var(0), err["compiled"].var(0)
+    assert torch.allclose(vc, ve, rtol=0.12, atol=1e-8)
+
+
+def test_one_seed_one_result_and_independent_calls(backend):
+    backend("compiled")
+    g = torch.randn(300, 40)
+    q8.seed_rounding(3, 0, 5)
+    a = quantize_tensor(g, 4, "stochastic")
+    b = quantize_tensor(g, 4, "stochastic")  # the next call: new dither
+    q8.seed_rounding(3, 0, 5)
+    assert torch.equal(a, quantize_tensor(g, 4, "stochastic"))
+    q8.seed_rounding(3, 1, 5)  # another rank
+    c = quantize_tensor(g, 4, "stochastic")
+    q8.seed_rounding(None)
+    ea, eb, ec = (t - g for t in (a, b, c))
+    for other in (eb, ec):
+        assert abs(torch.corrcoef(torch.stack([ea.flatten(), other.flatten()]))[0, 1]) < 0.05
+
+
+def test_fused_gradient_copies_are_unbiased_and_nearly_independent(backend):
+    backend("compiled")
+    torch.manual_seed(0)
+    g = torch.randn(64, 48)
+    g[0, 0] = 8.0
+    draws = 1500
+    e8, e16 = torch.empty(draws, g.numel()), torch.empty(draws, g.numel())
+    for i in range(draws):
+        g_in, g_w = gradient_copies(g, LayerQuant(), True, True)
+        e8[i], e16[i] = (g_in - g).flatten(), (g_w - g).flatten()
+    step8, step16 = (g.max() - g.min()) / 255, (g.max() - g.min()) / 65535
+    ulp = 8 * 2.0**-23  # float32 resolution at |g| <= 8
+    assert (e8.abs() < step8 + ulp).all() and (e16.abs() < step16 + ulp).all()
+    assert (e8.mean(0).abs() < 4 * (step8 / 2) / draws**0.5 + 1e-6).all()
+    assert (e16.mean(0).abs() < 4 * (step16 / 2) / draws**0.5 + 1e-7).all()
+    a, b = e8.flatten(), e16.flatten()
+    assert abs(float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))) < 2 / 256
+
+
+def test_training_with_fused_kernels_follows_the_eager_path(backend):
+    """Same model, data and seed: eval outputs (round to nearest) equal; a few SGD steps give
+    the same loss curve up to stochastic rounding noise."""
+    x, y = torch.randn(32, 1, 16, 16), torch.randint(0, 10, (32,))
+    losses, evals = {}, {}
+    for name in ("eager", "compiled"):
+        backend(name)
+        torch.manual_seed(0)
+        model = q8.convert(q8.models.build("resnet20", in_channels=1, width=4), q8.QuantConfig.preset("int8"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        q8.seed_rounding(0)
+        losses[name] = []
+        for _ in range(6):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[name].append(loss.item())
+        model.eval()
+        with torch.no_grad():
+            evals[name] = model(x)
+        if name == "eager":
+            state = model.state_dict()
+        else:
+            model.load_state_dict(state)
+            with torch.no_grad():
+                assert torch.equal(model(x), eager_model_eval)
+        eager_model_eval = evals["eager"]
+    q8.seed_rounding(None)
+    assert losses["compiled"][-1] < losses["compiled"][0]
+    assert all(abs(a - b) < 0.05 * a for a, b in zip(losses["eager"], losses["compiled"])), losses
+    assert kernels.compile_seconds() >= 0
