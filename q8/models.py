@@ -1,4 +1,5 @@
-"""Float models: torchvision ResNet-18/50 and CIFAR-style ResNets. q8.convert quantizes them."""
+"""Float models: torchvision ResNet-18/50, MobileNetV2 and ShuffleNetV2 (each also with a stem for
+32x32-sized images, `_cifar`), and CIFAR-style ResNets. q8.convert quantizes them."""
 
 from __future__ import annotations
 
@@ -74,12 +75,51 @@ def _torchvision_resnet(arch: str, small_input: bool) -> Callable[..., nn.Module
     return build
 
 
+def _stem(conv: nn.Conv2d, in_channels: int, small_input: bool) -> nn.Conv2d:
+    """The first convolution for this input: its channels, and stride 1 for 32x32-sized images."""
+    stride = 1 if small_input else conv.stride
+    return nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, stride, conv.padding, bias=conv.bias is not None)
+
+
+def _mobilenet_v2(small_input: bool) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 1000, in_channels: int = 3, width_mult: float = 1.0, **kwargs) -> nn.Module:
+        """torchvision's MobileNetV2 (depthwise-separable inverted residuals, linear bottlenecks, ReLU6)."""
+        if not (isinstance(width_mult, (int, float)) and width_mult > 0):
+            raise ValueError(f"width_mult must be a number > 0, got {width_mult!r}")
+        model = torchvision.models.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult, **kwargs)
+        model.features[0][0] = _stem(model.features[0][0], in_channels, small_input)
+        return model
+
+    return build
+
+
+SHUFFLENET_WIDTHS = {0.5: "shufflenet_v2_x0_5", 1.0: "shufflenet_v2_x1_0", 1.5: "shufflenet_v2_x1_5", 2.0: "shufflenet_v2_x2_0"}
+
+
+def _shufflenet_v2(small_input: bool) -> Callable[..., nn.Module]:
+    def build(num_classes: int = 1000, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+        """torchvision's ShuffleNetV2 (channel split and shuffle, depthwise convolutions) at a width."""
+        if width not in SHUFFLENET_WIDTHS:
+            raise ValueError(f"width must be one of {sorted(SHUFFLENET_WIDTHS)}, got {width!r}")
+        model = getattr(torchvision.models, SHUFFLENET_WIDTHS[width])(weights=None, num_classes=num_classes)
+        model.conv1[0] = _stem(model.conv1[0], in_channels, small_input)
+        if small_input:
+            model.maxpool = nn.Identity()
+        return model
+
+    return build
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _torchvision_resnet("resnet18", small_input=False),
     "resnet50": _torchvision_resnet("resnet50", small_input=False),
     "resnet18_cifar": _torchvision_resnet("resnet18", small_input=True),
     "resnet20": lambda **kw: CifarResNet(20, **kw),
     "resnet56": lambda **kw: CifarResNet(56, **kw),
+    "mobilenet_v2": _mobilenet_v2(small_input=False),
+    "mobilenet_v2_cifar": _mobilenet_v2(small_input=True),
+    "shufflenet_v2": _shufflenet_v2(small_input=False),
+    "shufflenet_v2_cifar": _shufflenet_v2(small_input=True),
 }
 
 

@@ -132,12 +132,13 @@ def test_presets():
 @pytest.mark.parametrize(
     "name,in_channels,size,params",
     [("resnet20", 1, 28, 272_186), ("resnet56", 3, 32, 855_770), ("resnet18_cifar", 3, 32, 11_173_962),
-     ("resnet18", 3, 64, 11_181_642), ("resnet50", 3, 64, 23_528_522)],
+     ("resnet18", 3, 64, 11_181_642), ("resnet50", 3, 64, 23_528_522), ("mobilenet_v2_cifar", 1, 28, 2_236_106),
+     ("shufflenet_v2_cifar", 1, 28, 1_263_422)],
 )
 def test_models(name, in_channels, size, params):
     model = build(name, num_classes=10, in_channels=in_channels)
     assert sum(p.numel() for p in model.parameters()) == params
-    q8.convert(model, QuantConfig())
+    q8.convert(model, QuantConfig(), strict=True)  # every layer with parameters has a q8 version
     assert model(torch.randn(2, in_channels, size, size)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         build("vgg16")
