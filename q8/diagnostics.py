@@ -155,3 +155,75 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
             if all(key in r for r in sel)
         }
     return out
+
+
+def collapse_depth(rows: list[dict], threshold: float = 0.9) -> dict[str, int]:
+    """Per tensor kind, the depth (index among the quantized layers, in forward order) of the
+    first layer whose tensor has lost direction against the full-precision pass: shadow cosine
+    below `threshold`; -1 when none has. Where it happens first is where quantization errors
+    pile up, and which kind falls first says which quantizer is at fault."""
+    order = list(dict.fromkeys(r["layer"] for r in rows))
+    out = {}
+    for kind in KINDS:
+        low = [order.index(r["layer"]) for r in rows
+               if r["kind"] == kind and r.get("shadow_cosine", 1.0) < threshold]
+        out[kind] = min(low) if low else -1
+    return out
+
+
+def depth_profile_figure(rows: list[dict]):
+    """A matplotlib figure: shadow cosine of each tensor kind against layer depth (TensorBoard's
+    quant/depth_profile image): a collapse along depth is visible at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = list(dict.fromkeys(r["layer"] for r in rows))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for kind in KINDS:
+        pts = [(order.index(r["layer"]), r["shadow_cosine"]) for r in rows if r["kind"] == kind and "shadow_cosine" in r]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=kind)
+    ax.set_xlabel("quantized layer (forward order)")
+    ax.set_ylabel("cosine vs full precision")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    return fig
+
+
+@torch.no_grad()
+def range_bn_scales(model: nn.Module, inputs: Tensor) -> list[dict]:
+    """For every Range BN layer, on one batch in training mode: its range-based sigma over its
+    input's real standard deviation, per channel (mean, min, max over channels). Near 1 on
+    Gaussian data with the exact constant; far from 1 where the input is skewed or heavy-tailed,
+    or where one range spans too many values (METHOD.md section 3). Buffers are left untouched."""
+    from .layers import RangeBatchNorm2d, chunk_sizes, mean_expected_range
+
+    seen: dict[str, Tensor] = {}
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RangeBatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, args[0].detach()))
+             for n, m in layers]
+    was_training = model.training
+    try:
+        with _preserved(model):
+            model.train()
+            model(inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    rows = []
+    for name, m in layers:
+        x = seen[name].float()
+        C = x.shape[1]
+        v = x.transpose(0, 1).reshape(C, -1)
+        n = v.shape[1]
+        k = chunk_sizes(n, m.chunks)[0]
+        rng = sum(p.amax(1) - p.amin(1) for p in torch.tensor_split(v, k, dim=1)) / k
+        ratio = (rng / mean_expected_range(n, m.chunks, m.constant)) / v.std(1).clamp_min(1e-12)
+        rows.append(dict(layer=name, sigma_ratio_mean=float(ratio.mean()), sigma_ratio_min=float(ratio.min()),
+                         sigma_ratio_max=float(ratio.max()), values_per_chunk=n // k))
+    return rows

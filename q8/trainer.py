@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from . import checkpoint, data, distributed
 from .convert import convert, coverage
-from .diagnostics import layer_fidelity, summarize
+from .diagnostics import collapse_depth, depth_profile_figure, layer_fidelity, range_bn_scales, summarize
 from .engine import autocast, correct_topk, evaluate
 from .errors import CheckpointError, ConfigError, NonFiniteLossError, Q8Error, RunFolderError
 from .layers import ActivationRange
@@ -332,6 +332,14 @@ class Run:
         for kind, figures in summarize(rows).items():
             for key, v in figures.items():
                 self.scalar(f"quant/all/{kind}/{key}", v)
+        for kind, depth in collapse_depth(rows).items():  # -1: no layer lost direction
+            self.scalar(f"quant/collapse_depth/{kind}", depth)
+        self.writer.add_figure("quant/depth_profile", depth_profile_figure(rows), self.step)
+        with autocast(self.device, self.cfg.trainer.precision):
+            scales = range_bn_scales(self.model, x)
+        for r in scales:
+            for key in ("sigma_ratio_mean", "sigma_ratio_min", "sigma_ratio_max"):
+                self.scalar(f"quant/{r['layer']}/range_bn/{key}", r[key])
         for name, m in self.model.named_modules():
             if isinstance(m, ActivationRange) and not torch.isnan(m.act_range).any():
                 self.scalar(f"quant/{name}/act_lo", float(m.act_range[0]))

@@ -76,3 +76,19 @@ def test_layer_fidelity_leaves_every_random_stream_where_it_was(seeded):
         draws.append((torch.rand(3), q8.quantize(torch.rand(1000) * 0 + 0.5, 4, rounding="stochastic", lo=0.0, hi=1.0)))
     q8.seed_rounding(None)
     assert torch.equal(draws[0][0], draws[1][0]) and torch.equal(draws[0][1], draws[1][1])
+
+
+def test_collapse_depth_range_bn_scales_and_depth_figure():
+    from q8.diagnostics import collapse_depth, depth_profile_figure, range_bn_scales
+
+    rows = [dict(layer=f"l{i}", kind="layer_grad", shadow_cosine=c) for i, c in enumerate([1.0, 0.95, 0.5, 0.2])]
+    rows += [dict(layer=f"l{i}", kind="activation", shadow_cosine=0.99) for i in range(4)]
+    depth = collapse_depth(rows)
+    assert depth["layer_grad"] == 2 and depth["activation"] == -1
+    assert depth_profile_figure(rows).axes[0].get_lines()
+    torch.manual_seed(0)
+    model = q8.convert(build("resnet20", in_channels=1, width=4), q8.QuantConfig(range_bn_chunks=4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scales = range_bn_scales(model, torch.randn(16, 1, 16, 16))
+    assert len(scales) == 21 and all(0.3 < r["sigma_ratio_mean"] < 3 for r in scales)
+    assert all(torch.allclose(v.double(), before[k].double(), rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())

@@ -55,9 +55,11 @@ def test_end_to_end_run_folder_and_evaluate(fm, tmp_path):
     events = EventAccumulator(str(run_dir / "tb")).Reload()
     tags = set(events.Tags()["scalars"])
     for tag in ("train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "lr", "perf/images_per_s",
-                "perf/epoch_time_s", "quant/layer1.0.conv1/layer_grad/cosine", "quant/conv1/act_hi", "hparam/val_top1"):
+                "perf/epoch_time_s", "quant/layer1.0.conv1/layer_grad/cosine", "quant/conv1/act_hi", "hparam/val_top1",
+                "quant/collapse_depth/layer_grad", "quant/bn1/range_bn/sigma_ratio_mean"):
         assert tag in tags, tag
     assert [e.step for e in events.Scalars("val/top1")] == [8, 16]
+    assert "quant/depth_profile" in events.Tags()["images"]
     assert not [d for d in (run_dir / "tb").iterdir() if d.is_dir()]  # hparams in the same run
 
     p = run("evaluate.py", [f"checkpoint={run_dir / 'last.pt'}"], tmp_path)
