@@ -244,6 +244,5 @@ def coverage(model: nn.Module) -> Coverage:
 
 
 def _is_float_spec(module: ActivationRange) -> bool:
-    spec = module.spec
-    return spec.is_float and not isinstance(module, RangeBatchNorm2d)  # Range BN is the method even in float
+    return module.spec.is_float  # Range BN in float is float: nothing of it is quantized
 

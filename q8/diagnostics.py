@@ -189,7 +189,8 @@ def depth_profile_figure(rows: list[dict]):
     ax.set_ylabel("cosine vs full precision")
     ax.set_ylim(-0.05, 1.05)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    if ax.get_lines():
+        ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     return fig
 
