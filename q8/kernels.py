@@ -153,7 +153,7 @@ def get(name: str) -> Callable:
         return fn
     compiled = _state["compiled"].get(name)
     if compiled is None:
-        compiled = _state["compiled"][name] = _timed(torch.compile(fn, dynamic=True))
+        compiled = _state["compiled"][name] = _timed(torch.compile(fn, dynamic=True), fn)
     return compiled
 
 
@@ -169,8 +169,10 @@ def top(bits: int, like: Tensor) -> Tensor:
 _tops: dict = {}
 
 
-def _timed(fn: Callable) -> Callable:
-    """Counts the first call of each new specialization (dtype, bits, rank) as compile time."""
+def _timed(fn: Callable, eager: Callable) -> Callable:
+    """Counts the first call of each new specialization (dtype, rank, device) as compile time.
+    Should compiling fail (no working compiler, an unsupported device), the process goes on
+    with the eager kernels and says so once."""
     seen: set = set()
 
     def call(*args):
@@ -178,7 +180,13 @@ def _timed(fn: Callable) -> Callable:
         if key in seen:
             return fn(*args)
         t0 = time.perf_counter()
-        out = fn(*args)
+        try:
+            out = fn(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure means: run op by op
+            log.warning("q8: compiling the quantization kernels failed (%s: %s); running them op by op",
+                        type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+            set_backend("eager")
+            return eager(*args)
         _state["compile_s"] += time.perf_counter() - t0
         seen.add(key)
         return out

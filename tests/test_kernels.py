@@ -124,3 +124,21 @@ def test_training_with_fused_kernels_follows_the_eager_path(backend):
     assert losses["compiled"][-1] < losses["compiled"][0]
     assert all(abs(a - b) < 0.05 * a for a, b in zip(losses["eager"], losses["compiled"])), losses
     assert kernels.compile_seconds() >= 0
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_one_warning(backend, monkeypatch, caplog):
+    backend("compiled")
+    kernels._state["compiled"].clear()
+
+    def broken(fn, **kw):
+        def call(*a):
+            raise RuntimeError("compiler exploded\nsecond line")
+        return call
+
+    monkeypatch.setattr(kernels.torch, "compile", broken)
+    x = torch.randn(10, 3)
+    with caplog.at_level("WARNING", logger="q8"):
+        q = quantize_tensor(x, 8, "nearest")
+    kernels._state["compiled"].clear()
+    assert kernels.backend() == "eager" and "compiling the quantization kernels failed" in caplog.text
+    assert torch.equal(q, quantize_tensor(x, 8, "nearest"))
