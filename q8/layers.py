@@ -415,9 +415,10 @@ class _Extrema:
     The extremes are found in forward, on the input before the activation quantizer: its
     8-bit grid clips the tails (the per-sample-mean range), and the range of the clipped
     values would underestimate sigma (METHOD.md section 3). A tie goes to the first element
-    (a valid subgradient of max). One chunk: from each (sample, channel)'s max and min
-    (per_sample, or computed here), the channel's extreme and the sample holding it, then the
-    place within that sample; several chunks: a channels-first copy split into near-equal chunks.
+    (a valid subgradient of max). Chunks of whole samples (one chunk, or a batch divisible by the
+    chunk count): from each (sample, channel)'s max and min (per_sample, or computed here), each
+    chunk's extreme and the sample holding it, then the place within that sample; otherwise a
+    channels-first copy split into near-equal chunks of any size.
     """
 
     def __init__(self, x: Tensor, chunks: int, group, per_sample: Optional[tuple] = None):
@@ -426,27 +427,33 @@ class _Extrema:
         self.chunks = chunk_sizes(self.n, chunks)[0]
         world = dist.get_world_size(group) if group is not None else 1
         self.points = []  # (index tuple into x, channel, signed share of the range gradient)
-        if self.chunks == 1:
+        k, N = self.chunks, x.shape[0]
+        if N % k == 0:  # chunks of whole samples: everything follows from the [N, C] extremes
             highs, lows = per_sample if per_sample is not None else sample_channel_extremes(x)
-            channel = torch.arange(C, device=x.device)
+            per = N // k
+            channel = torch.arange(C, device=x.device).expand(k, C).flatten()
             self.range_sum = 0
             for sign, per_nc in ((1.0, highs), (-1.0, lows)):
-                ext, sample = per_nc.max(0) if sign > 0 else per_nc.min(0)  # [C]: value, sample holding it
+                grouped = per_nc.view(k, per, C)
+                ext, which = grouped.max(1) if sign > 0 else grouped.min(1)  # [k, C]: value, sample in the chunk
                 ext = ext.to(x.dtype)
                 share = torch.full_like(ext, sign)
-                if group is not None:  # one range per channel over the global batch; ties across processes share
+                if group is not None and k == 1:  # one range per channel over the global batch; ties share
                     local = ext.clone()
                     _all_reduce(ext, dist.ReduceOp.MAX if sign > 0 else dist.ReduceOp.MIN, group)
                     owner = (local == ext).to(ext.dtype)
                     holders = owner.clone()
                     _all_reduce(holders, dist.ReduceOp.SUM, group)
                     share = sign * owner / holders.clamp_min(1)
-                self.range_sum = self.range_sum + sign * ext
-                rows = x[sample, channel].reshape(C, -1)  # the holding sample's values: 1/N of the input
+                self.range_sum = self.range_sum + sign * ext.sum(0)
+                sample = (which + torch.arange(k, device=x.device).unsqueeze(1) * per).flatten()
+                rows = x[sample, channel].reshape(k * C, -1)  # the holding samples' values: k/N of the input
                 flat = rows.argmax(1) if sign > 0 else rows.argmin(1)
                 space = torch.unravel_index(flat, tuple(x.shape[2:])) if x.dim() > 2 else ()
-                self.points.append(((sample, channel) + tuple(space), channel, share))
-            self.total = 1
+                self.points.append(((sample, channel) + tuple(space), channel, share.flatten()))
+            if k > 1:
+                _all_reduce(self.range_sum, dist.ReduceOp.SUM, group)
+            self.total = 1 if k == 1 else k * world  # several chunks are per process
             return
         self.range_sum = x.new_zeros(C)
         offset = 0
@@ -613,7 +620,7 @@ class RangeBatchNorm2d(_QuantizedNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
-                 chunks: int = 1, constant: str = "exact", spec: LayerQuant = FLOAT_SPEC, process_group=None,
+                 chunks: int = 16, constant: str = "exact", spec: LayerQuant = FLOAT_SPEC, process_group=None,
                  device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:

@@ -51,7 +51,7 @@ class QuantSettings:
 @dataclass
 class NormConfig:
     kind: str = "range"  # batch | range
-    chunks: int = 1  # Range BN: average the range over this many chunks
+    chunks: int = 16  # Range BN: average the range over this many chunks (the paper's 16)
     constant: str = "exact"  # Range BN: paper | reference | exact
 
 

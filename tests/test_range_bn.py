@@ -203,3 +203,23 @@ def test_quantized_standard_bn():
     lo, hi = q8.sample_mean_range(x)
     ref = nn.BatchNorm2d(3)(q8.quantize(x, 8, lo=lo, hi=hi))
     assert torch.allclose(qbn(x), ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(8, 3, 5, 5), (16, 2, 3, 3)])
+def test_chunks_of_whole_samples_match_the_general_split(shape):
+    """A batch divisible by the chunk count takes the fast path (chunks from per-sample extremes);
+    it must equal the general channels-first split, values and gradients."""
+    x = torch.randn(shape, dtype=torch.float64)
+    g = torch.randn(shape, dtype=torch.float64)
+    bn = RangeBatchNorm2d(shape[1], chunks=4).double()
+    nn.init.normal_(bn.weight)
+    fast = x.clone().requires_grad_()
+    y = bn(fast)
+    y.backward(g)
+    ref_x = x.clone().requires_grad_()
+    ref, _, _ = reference_range_bn(ref_x, bn.weight, bn.bias, 4, "exact")
+    ref.backward(g)
+    assert torch.allclose(y, ref, atol=1e-10) and torch.allclose(fast.grad, ref_x.grad, atol=1e-10)
+    general = q8.layers._Extrema(x, 4, None, None)
+    sliced = q8.layers._Extrema(torch.cat([x, x[:1]]), 4, None, None)  # N + 1: not divisible, general path
+    assert general.chunks == 4 and sliced.chunks == 4
