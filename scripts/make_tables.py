@@ -4,7 +4,7 @@
     python scripts/make_tables.py --runs /cluster/runs --out results
 
 Writes paper_table.md (METHOD.md section 5 beside our runs), fmnist.md (the Fashion-MNIST study),
-bits.md and, unless --no-plots, fmnist.png and bits.png. Every figure is a mean +- sample std over
+bits.md, architectures.md (arch_* runs: beyond ResNets) and, unless --no-plots, fmnist.png and bits.png. Every figure is a mean +- sample std over
 seeds with n and the run folders it comes from. The same runs give the same tables byte for byte.
 """
 
@@ -114,6 +114,49 @@ def fmnist_table(runs: list[dict], source: str) -> str:
         rs_top5 = [r["val_top5"] for r in rs]
         lines.append(f"| {label} (`{name}`) | {stats([r['val_top1'] for r in rs])} | "
                      f"{stats(rs_top5)} | {wall} | {folders(rs)} |")
+    lines += ["", _provenance(runs), ""]
+    return "\n".join(lines)
+
+
+ARCH_FIELDS = [("norm", "kind"), ("norm", "chunks"), ("quant", "weight_bits"), ("quant", "act_bits"), ("quant", "grad_bits"),
+               ("quant", "grad_weight_bits"), ("quant", "weight_range")]
+
+
+def _setting(c: dict) -> str:
+    """What a run quantizes, from its saved config."""
+    q, n = c["quant"], c["norm"]
+    if all(q[k] is None for k in ("weight_bits", "act_bits", "grad_bits", "grad_weight_bits")):
+        return f"float32, {'Range BN' if n['kind'] == 'range' else 'BN'}"
+    bits = "/".join("f" if q[k] is None else str(q[k]) for k in ("weight_bits", "act_bits", "grad_bits", "grad_weight_bits"))
+    norm = f"Range BN, {n['chunks']} chunk{'s' if n['chunks'] > 1 else ''}" if n["kind"] == "range" else "BN"
+    extra = ", per-channel weights" if q["weight_range"] == "channel" else ""
+    return f"W/A/G/Gw {bits}, {norm}{extra}"
+
+
+def arch_table(runs: list[dict], source: str) -> str:
+    """Every arch_* run: the model, what it quantizes, top-1 (diverged runs counted), and the last
+    diagnostics' size-weighted shadow cosine (the quantized pass against a full-precision pass)."""
+    groups = by_name(runs)
+    lines = header(
+        "Beyond ResNets: float32 vs the paper's int8 vs variants", source,
+        "Validation top-1 (%) on the 10k test images after the last epoch (mean +- sample std over seeds; diverged "
+        "runs counted, not averaged). Shadow cosine: each tensor kind of the quantized pass against the same tensor in a "
+        "full-precision pass of the same model and batch, size-weighted over layers, at the last diagnostics step "
+        "(1.0: float).",
+        ["run", "model", "setting", "top-1", "activation cos", "layer-gradient cos", "weight-gradient cos", "run folders"],
+    )
+    for name in sorted(groups):
+        rs = groups[name]
+        c = rs[0]["config"]
+        fid = [r.get("fidelity") or {} for r in rs]
+
+        def cos(kind: str) -> str:
+            v = [f[kind]["shadow_cosine"] for f in fid if kind in f and "shadow_cosine" in f[kind]]
+            return f"{statistics.fmean(v):.3f}" if v else "-"
+
+        model = f"{c['model']['name']} {c['model']['kwargs']}"
+        lines.append(f"| `{name}` | {model} | {_setting(c)} | {stats([r['val_top1'] for r in rs])} | "
+                     f"{cos('activation')} | {cos('layer_grad')} | {cos('weight_grad')} | {folders(rs)} |")
     lines += ["", _provenance(runs), ""]
     return "\n".join(lines)
 
@@ -232,6 +275,7 @@ def main(argv=None) -> None:
     (args.out / "paper_table.md").write_text(paper_table(runs, source))
     (args.out / "fmnist.md").write_text(fmnist_table([r for r in runs if r["name"].startswith("fmnist_")], source))
     (args.out / "bits.md").write_text(bits_table(runs, source))
+    (args.out / "architectures.md").write_text(arch_table([r for r in runs if r["name"].startswith("arch_")], source))
     if not args.no_plots:
         plots(runs, args.out)
     if args.readme:
