@@ -39,6 +39,7 @@ class LayerQuant:
     act_rounding: str = "nearest"
     grad_rounding: str = "stochastic"
     weight_range: str = "tensor"  # "tensor": min/max of the tensor; "channel": per output channel
+    act_range: str = "tensor"  # "tensor": the paper's; "channel": per channel where the layer keeps channels apart
     act_momentum: float = 0.1  # running activation range: new = (1 - m) * old + m * batch
 
     def __post_init__(self) -> None:
@@ -49,6 +50,8 @@ class LayerQuant:
                 _fail(name, getattr(self, name), f"one of {ROUNDINGS}")
         if self.weight_range not in WEIGHT_RANGES:
             _fail("weight_range", self.weight_range, f"one of {WEIGHT_RANGES}")
+        if self.act_range not in WEIGHT_RANGES:
+            _fail("act_range", self.act_range, f"one of {WEIGHT_RANGES}")
         m = self.act_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
             _fail("act_momentum", m, "a number in (0, 1]")

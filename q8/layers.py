@@ -20,8 +20,8 @@ from torch.nn.utils import parametrize
 
 from .config import LayerQuant
 from . import kernels
-from .quantize import (Codes, quantize, quantize_grad, quantize_tensor, quantize_with_codes, rounding_seed,
-                       sample_mean_range, uniform_noise)
+from .quantize import (Codes, channel_sample_mean_range, quantize, quantize_grad, quantize_tensor, quantize_with_codes,
+                       rounding_seed, sample_mean_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
 
@@ -69,22 +69,40 @@ class ActivationRange(nn.Module):
     def _init_quant(self, spec: LayerQuant, device=None) -> None:
         self.spec = spec
         self.probe: Optional[dict] = None  # set by q8.diagnostics to record tensors
-        self.register_buffer("act_range", torch.full((2,), float("nan"), device=device))
+        shape = (2, self.range_channels()) if self.range_channels() else (2,)
+        self.register_buffer("act_range", torch.full(shape, float("nan"), device=device))
+
+    def separate_channels(self) -> int:
+        """The input channels this layer keeps apart (its products never sum over them), or 0."""
+        return 0
+
+    def range_channels(self) -> int:
+        """Channels with activation ranges of their own (spec.act_range == "channel" where the layer
+        keeps channels apart: a per-input-channel scale factors out of its products), or 0."""
+        return self.separate_channels() if self.spec.act_range == "channel" else 0
 
     def _act_bounds(self, x: Tensor, batch_range: Optional[tuple] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        """batch_range: the batch's sample-mean (lo, hi) when the caller has it already."""
+        """batch_range: the batch's sample-mean (lo, hi) when the caller has it already (per
+        channel, shape [C], when range_channels())."""
         if self.spec.act_bits is None:
             return None, None
+        per_channel = self.range_channels() > 0
         if self.training:
-            lo, hi = sample_mean_range(x) if batch_range is None else batch_range
+            if batch_range is None:
+                batch_range = channel_sample_mean_range(x) if per_channel else sample_mean_range(x)
+            lo, hi = batch_range
             with torch.no_grad():
                 batch = torch.stack([lo, hi]).to(self.act_range.dtype)
                 run = self.act_range
                 run.copy_(torch.where(torch.isnan(run), batch, torch.lerp(run, batch, self.spec.act_momentum)))
-            return lo, hi
-        if torch.isnan(self.act_range).any():  # never trained: the batch is all we know
-            return sample_mean_range(x)
-        return self.act_range[0], self.act_range[1]
+        elif torch.isnan(self.act_range).any():  # never trained: the batch is all we know
+            lo, hi = channel_sample_mean_range(x) if per_channel else sample_mean_range(x)
+        else:
+            lo, hi = self.act_range[0], self.act_range[1]
+        if per_channel:  # broadcast over [N, C, ...]
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return lo.view(shape), hi.view(shape)
+        return lo, hi
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -233,6 +251,10 @@ class BifurcatedProduct(torch.autograd.Function):
 class QConv2d(ActivationRange, nn.Conv2d):
     """nn.Conv2d with quantized weights, activations and gradients (gradients bifurcation)."""
 
+    def separate_channels(self) -> int:
+        # a depthwise convolution: each output sums over one input channel only
+        return self.in_channels if self.groups == self.in_channels > 1 else 0
+
     def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
         super().__init__(*args, **kwargs)
         self._init_quant(spec, device=self.weight.device)
@@ -298,9 +320,10 @@ def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
         del new._parameters[name]  # e.g. a parametrized weight, which is no Parameter
     new._parameters.update(old._parameters)
     new._buffers.update(old._buffers)
-    if isinstance(new, ActivationRange) and "act_range" not in old._buffers:
+    own = new._buffers.get("act_range")
+    if isinstance(new, ActivationRange) and (old._buffers.get("act_range") is None or old._buffers["act_range"].shape != own.shape):
         like = next(old.parameters(), next(old.buffers(), torch.empty(0)))
-        new._buffers["act_range"] = torch.full((2,), float("nan"), device=like.device)
+        new._buffers["act_range"] = torch.full(own.shape, float("nan"), device=like.device)
     elif not isinstance(new, ActivationRange):
         new._buffers.pop("act_range", None)
     for attr in _HOOK_DICTS:
@@ -584,6 +607,9 @@ class RangeBNFunction(torch.autograd.Function):
 class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
     """Shared by the BN variants: running-statistics factor and construction from nn.BatchNorm2d."""
 
+    def separate_channels(self) -> int:
+        return self.num_features  # normalization is per channel
+
     def _factor(self) -> float:
         """PyTorch's convention: momentum, or a cumulative average when momentum is None."""
         if not (self.training and self.track_running_stats):
@@ -639,7 +665,8 @@ class RangeBatchNorm2d(_QuantizedNorm):
         # quantizer's per-sample-mean range and (one chunk) Range BN's extremes.
         with torch.no_grad():
             highs, lows = sample_channel_extremes(x)
-        lo, hi = self._act_bounds(x, (lows.amin(1).mean(), highs.amax(1).mean()))
+        batch_range = (lows.mean(0), highs.mean(0)) if self.range_channels() else (lows.amin(1).mean(), highs.amax(1).mean())
+        lo, hi = self._act_bounds(x, batch_range)
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
         grad = (s.grad_bits, s.grad_rounding) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None

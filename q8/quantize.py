@@ -73,6 +73,16 @@ def sample_mean_range(x: Tensor) -> tuple[Tensor, Tensor]:
     return rows.amin(1).mean(), rows.amax(1).mean()  # not aminmax(dim=1): 15x slower on CPU
 
 
+def channel_sample_mean_range(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per channel (dim 1): the mean over samples of each (sample, channel)'s min and max, two [C]
+    tensors: the activation range for layers that keep channels apart (act_range="channel")."""
+    dims = tuple(range(2, x.dim()))
+    x = x.detach()
+    if not dims:
+        return x.mean(0), x.mean(0)
+    return x.amin(dims).mean(0), x.amax(dims).mean(0)
+
+
 def _fused() -> bool:
     """True when quantization runs as fused kernels (q8.kernels), not op by op."""
     return kernels.backend() == "compiled"

@@ -151,7 +151,9 @@ def _git_commit() -> Optional[str]:
 
 
 def _check_resumable(saved: dict, cfg: dict, path: Path) -> None:
-    flat_saved, flat_now = _flat(saved), _flat(cfg)
+    # a setting newer than the checkpoint ran at its default there (e.g. quant.act_range)
+    flat_saved = {**_flat(dataclasses.asdict(TrainConfig())), **_flat(saved)}
+    flat_now = _flat(cfg)
     for key in RESUME_KEYS:
         a = {k: v for k, v in flat_saved.items() if k == key or k.startswith(key + ".")}
         b = {k: v for k, v in flat_now.items() if k == key or k.startswith(key + ".")}
@@ -342,8 +344,8 @@ class Run:
                 self.scalar(f"quant/{r['layer']}/range_bn/{key}", r[key])
         for name, m in self.model.named_modules():
             if isinstance(m, ActivationRange) and not torch.isnan(m.act_range).any():
-                self.scalar(f"quant/{name}/act_lo", float(m.act_range[0]))
-                self.scalar(f"quant/{name}/act_hi", float(m.act_range[1]))
+                self.scalar(f"quant/{name}/act_lo", float(m.act_range[0].min()))  # per channel: the widest
+                self.scalar(f"quant/{name}/act_hi", float(m.act_range[1].max()))
 
     # ---- the loop ----
     def validate(self) -> bool:

@@ -24,8 +24,9 @@ def make_model():
         nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(),
         nn.Conv2d(6, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 5 * 5, 3),
     )
-    # Range BN in float: every difference would come from the synchronization itself
-    return q8.convert(model, q8.QuantConfig.preset("fp32", norm="range"))
+    # Range BN in float, one range per channel (several chunks are per process by design): every
+    # difference would come from the synchronization itself
+    return q8.convert(model, q8.QuantConfig.preset("fp32", norm="range", range_bn_chunks=1))
 
 
 def batch():

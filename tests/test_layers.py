@@ -8,7 +8,7 @@ from torch import nn
 import q8
 import q8.models
 from q8 import LayerQuant, QConv2d, QLinear
-from q8.quantize import fake_quantize
+from q8.quantize import channel_sample_mean_range, fake_quantize
 
 PAPER = LayerQuant()  # 8-bit W/A/G, 16-bit weight-gradient copy
 
@@ -307,3 +307,34 @@ def test_autocast_forward_and_backward(dtype):
         loss = F.cross_entropy(model(torch.randn(8, 1, 16, 16)).float(), torch.randint(0, 10, (8,)))
     loss.backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_per_channel_activation_ranges_where_channels_stay_apart():
+    """act_range="channel": a depthwise convolution (and a norm) quantizes each input channel over
+    its own sample-mean range; a convolution that sums over channels keeps the tensor range."""
+    torch.manual_seed(0)
+    spec = LayerQuant(weight_bits=None, grad_bits=None, grad_weight_bits=None, act_range="channel")
+    scales = torch.tensor([0.01, 1.0, 50.0]).view(1, 3, 1, 1)
+    x = torch.randn(6, 3, 8, 8) * scales
+    dw = QConv2d(3, 3, 3, padding=1, groups=3, bias=False, spec=spec)
+    full = QConv2d(3, 4, 3, padding=1, bias=False, spec=spec)
+    assert dw.range_channels() == 3 and full.range_channels() == 0 and dw.act_range.shape == (2, 3)
+    lo, hi = channel_sample_mean_range(x)
+    xq = q8.quantize(x, 8, lo=lo.view(1, 3, 1, 1), hi=hi.view(1, 3, 1, 1))
+    assert torch.allclose(dw(x), F.conv2d(xq, dw.weight, padding=1, groups=3), atol=1e-6)
+    tensor_xq = q8.quantize(x, 8, lo=q8.sample_mean_range(x)[0], hi=q8.sample_mean_range(x)[1])
+    small = (slice(None), 0)
+    # the narrow channel keeps its shape (about 2^8 levels) instead of collapsing onto one or two
+    assert xq[small].unique().numel() > 100 and tensor_xq[small].unique().numel() <= 2
+    assert torch.allclose(full(x), F.conv2d(tensor_xq, full.weight, padding=1), atol=1e-4)
+    assert torch.allclose(dw.act_range, torch.stack([lo, hi]))  # the running range, per channel
+    dw.eval()
+    assert torch.allclose(dw(x), F.conv2d(xq, dw.weight, padding=1, groups=3), atol=1e-6)
+    model = q8.convert(q8.models.build("mobilenet_v2_cifar", num_classes=10, in_channels=1, width_mult=0.5),
+                       q8.QuantConfig.preset("int8", act_range="channel"))
+    model(torch.randn(4, 1, 28, 28)).sum().backward()
+    assert model.features[1].conv[0][0].range_channels() == 16 and model.features[1].conv[1].range_channels() == 0
+    state = model.state_dict()
+    again = q8.convert(q8.models.build("mobilenet_v2_cifar", num_classes=10, in_channels=1, width_mult=0.5),
+                       q8.QuantConfig.preset("int8", act_range="channel"))
+    again.load_state_dict(state)

@@ -1,6 +1,7 @@
 """A hostile but realistic user: crafted checkpoints, divergence, extended runs, two processes in
 one folder, kills between files, broken data and caches. Each case ends in one clear line."""
 
+import dataclasses
 import json
 import os
 import re
@@ -322,3 +323,22 @@ def test_a_broken_cache_entry_is_rebuilt(fm, tmp_path):
 def test_every_q8_error_is_a_q8error():
     for kind in (CheckpointError, ConfigError, DataError, NonFiniteLossError, RunFolderError):
         assert issubclass(kind, Q8Error)
+
+
+def test_every_preset_trains_with_diagnostics_on_a_depthwise_model(fm, tmp_path):
+    """Each quantization preset, on a depthwise-separable net, with diagnostics on: a few steps,
+    a checkpoint, an evaluation (presets beyond the paper change buffer shapes and ranges)."""
+    import q8
+
+    variants = {name: q8.PRESETS[name] for name in q8.PRESETS}
+    variants["int8_act_range_channel"] = q8.QuantConfig.preset("int8", act_range="channel")
+    for preset, qc in sorted(variants.items()):
+        cfg = config(fm, max_steps=2, diagnostics_every=1)
+        cfg.model.name, cfg.model.kwargs = "mobilenet_v2_cifar", {"width_mult": 0.25}
+        for key, value in dataclasses.asdict(qc).items():
+            if hasattr(cfg.quant, key):
+                setattr(cfg.quant, key, value)
+        cfg.norm.kind = qc.norm
+        summary = trainer.train(cfg, tmp_path / preset)
+        assert summary["steps"] == 2 and summary["coverage"]["unsupported"] == {}, preset
+        assert trainer.evaluate_checkpoint(tmp_path / preset / "last.pt")["count"] == 96
