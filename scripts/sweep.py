@@ -23,6 +23,10 @@ IMAGENET = [f"imagenet_{m}_{v}" for m in ("resnet18", "resnet50") for v in ("fp3
 IMAGENET.append("imagenet_resnet50_rangebn")
 FMNIST = ["fmnist_fp32", "fmnist_int8", "fmnist_int8_no_bifurcation", "fmnist_int8_fp32_wgrad", "fmnist_int8_batchnorm",
           "fmnist_rangebn_fp32", "fmnist_int8_rangebn_paper", "fmnist_int8_rangebn_reference"]
+ARCH = [f"arch_mobilenet_v2_{v}" for v in ("fp32", "rangebn_fp32", "int8_chunks1", "int8_chunks16", "int8_batchnorm",
+                                             "int8_chunks16_float_act", "int8_chunks16_float_layer_grad",
+                                             "int8_chunks16_wchannel", "int8_channel_act")]
+ARCH += [f"arch_resnet20_{v}" for v in ("fp32", "int8", "int8_channel_act")]
 GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
 WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
 
@@ -30,6 +34,8 @@ WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
 GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
     "imagenet": [([f"experiment={','.join(IMAGENET)}"], [0, 1, 2])],
     "fmnist": [([f"experiment={','.join(FMNIST)}"], [0, 1, 2])],
+    # beyond ResNets (issue 11): every run of results/architectures.md; one seed so far
+    "arch": [([f"experiment={','.join(ARCH)}"], [0])],
     "bits": [
         (["experiment=fmnist_int8", "name=bits_grad", f"quant.grad_bits={','.join(map(str, GRAD_BITS))}"], [0]),
         (["experiment=fmnist_int8", "name=bits_weight", f"quant.weight_bits={','.join(map(str, WEIGHT_ACT_BITS))}"], [0]),
