@@ -130,6 +130,7 @@ def _setting(c: dict) -> str:
     bits = "/".join("f" if q[k] is None else str(q[k]) for k in ("weight_bits", "act_bits", "grad_bits", "grad_weight_bits"))
     norm = f"Range BN, {n['chunks']} chunk{'s' if n['chunks'] > 1 else ''}" if n["kind"] == "range" else "BN"
     extra = ", per-channel weights" if q["weight_range"] == "channel" else ""
+    extra += ", per-channel activation ranges where channels stay apart" if q.get("act_range") == "channel" else ""
     return f"W/A/G/Gw {bits}, {norm}{extra}"
 
 
