@@ -69,6 +69,16 @@ def _preserved(model: nn.Module) -> Iterator[None]:
         set_rounding_state(rounding)
 
 
+@contextmanager
+def _hooks(handles: list) -> Iterator[None]:
+    """Hooks that are removed however the block ends."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _backward_pass(model, inputs, targets, loss_fn, params) -> dict:
     loss = loss_fn(model(inputs), targets)
     grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -101,12 +111,8 @@ def layer_fidelity(
             if isinstance(m, ActivationRange):
                 m.spec, m.probe = FLOAT_SPEC, None
         shadow: dict[str, dict] = {name: {} for name, _ in layers}
-        handles = [m.register_forward_hook(_shadow_hook(shadow[name])) for name, m in layers]
-        try:
+        with _hooks([m.register_forward_hook(_shadow_hook(shadow[name])) for name, m in layers]):
             dw_f = _backward_pass(model, inputs, targets, loss_fn, weights)
-        finally:
-            for h in handles:
-                h.remove()
     model.train(was_training)
 
     rows = []
@@ -205,17 +211,12 @@ def range_bn_scales(model: nn.Module, inputs: Tensor) -> list[dict]:
 
     seen: dict[str, Tensor] = {}
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RangeBatchNorm2d)]
-    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, args[0].detach()))
-             for n, m in layers]
     was_training = model.training
-    try:
-        with _preserved(model):
-            model.train()
-            model(inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    with _hooks([m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, args[0].detach()))
+                 for n, m in layers]), _preserved(model):
+        model.train()
+        model(inputs)
+    model.train(was_training)
     rows = []
     for name, m in layers:
         x = seen[name].float()
