@@ -429,7 +429,6 @@ class Run:
             self.cfg.name or "run", self.cfg.model.name, self.cfg.data.name, self.steps_per_epoch, self.world,
             self.device, t.precision,
         )
-        log.info("%s", self.coverage.summary())
         with StopFlag() as stop:
             while self.epoch < t.epochs and (t.max_steps is None or self.step < t.max_steps):
                 epoch_start, images_start = time.time(), self.images
