@@ -26,7 +26,7 @@ FMNIST = ["fmnist_fp32", "fmnist_int8", "fmnist_int8_no_bifurcation", "fmnist_in
 ARCH = [f"arch_mobilenet_v2_{v}" for v in ("fp32", "rangebn_fp32", "int8_chunks1", "int8_chunks16", "int8_batchnorm",
                                              "int8_chunks16_float_act", "int8_chunks16_float_layer_grad",
                                              "int8_chunks16_wchannel", "int8_channel_act", "int8_float_expansion_input",
-                                             "int8_float_projection_input")]
+                                             "int8_float_projection_input", "int8_float_conv_input")]
 ARCH += [f"arch_resnet20_{v}" for v in ("fp32", "int8", "int8_channel_act")]
 GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
 WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
