@@ -131,6 +131,9 @@ def _setting(c: dict) -> str:
     norm = f"Range BN, {n['chunks']} chunk{'s' if n['chunks'] > 1 else ''}" if n["kind"] == "range" else "BN"
     extra = ", per-channel weights" if q["weight_range"] == "channel" else ""
     extra += ", per-channel activation ranges where channels stay apart" if q.get("act_range") == "channel" else ""
+    if q.get("overrides"):  # per-layer changes: say which fields, for how many name patterns
+        fields = sorted({f"{k}={v}" for change in q["overrides"].values() if isinstance(change, dict) for k, v in change.items()})
+        extra += f", overrides on {len(q['overrides'])} layer patterns ({', '.join(fields) or 'float'})"
     return f"W/A/G/Gw {bits}, {norm}{extra}"
 
 
