@@ -52,6 +52,7 @@ def worker(rank, world, init_file, out):
     if rank == 0:
         strip = lambda d: {k.removeprefix("module."): v for k, v in d.items()}  # noqa: E731
         torch.save({"grads": strip(grads), "stats": strip(stats)}, out)
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 
@@ -80,6 +81,7 @@ def rounding_worker(rank, world, init_file, out):
     dist.all_gather(errors, err)
     if rank == 0:
         torch.save(torch.stack(errors), out)
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 
