@@ -19,18 +19,10 @@ import torch
 
 from .errors import CheckpointError
 from .quantize import rounding_state, set_rounding_state
+from .runfolder import TEMP_SUFFIX, temp_beside
 
 FORMAT = 2  # 2: plain data (weights_only); 1 pickled Python objects and is refused
 REQUIRED = ("format", "model", "optimizer", "epoch", "step", "config")
-TEMP_SUFFIX = ".tmp"
-
-
-def _temp_for(path: Path) -> tuple[int, str]:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would hide checkpoints from collaborators
-    return fd, tmp
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -50,7 +42,7 @@ def save(state: dict, path: str | Path, also: Iterable[str | Path] = ()) -> None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _temp_for(path)
+    fd, tmp = temp_beside(path)
     links: list[str] = []
     try:
         with os.fdopen(fd, "wb") as f:

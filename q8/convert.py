@@ -232,7 +232,8 @@ def coverage(model: nn.Module) -> Coverage:
             report.params["unsupported", kind.__name__] += sum(p.numel() for p in module.parameters())
             return
         if own:
-            key = "quantized" if isinstance(module, ActivationRange) and not _is_float_spec(module) else "float_by_config"
+            # Range BN in float is float too: nothing of it is quantized
+            key = "quantized" if isinstance(module, ActivationRange) and not module.spec.is_float else "float_by_config"
             getattr(report, key)[kind.__name__] += 1
             report.params[key, kind.__name__] += own
             return
@@ -242,7 +243,4 @@ def coverage(model: nn.Module) -> Coverage:
     visit(model)
     return report
 
-
-def _is_float_spec(module: ActivationRange) -> bool:
-    return module.spec.is_float  # Range BN in float is float: nothing of it is quantized
 

@@ -54,16 +54,26 @@ class RunFolderLock:
             self.fd = None
 
 
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_beside(path: Path) -> tuple[int, str]:
+    """(fd, name) of a new hidden temporary file beside `path`, to be renamed over it; with the
+    permissions of a normal file (mkstemp's 0600 would hide run files from collaborators)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_text(path: Path, text: str) -> None:
     """Replace a small text file atomically (summary.json, config.yaml)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_beside(path)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -167,7 +167,7 @@ def _check_resumable(saved: dict, cfg: dict, path: Path) -> None:
 class Run:
     """The state of one training run, and the steps that move it forward."""
 
-    def __init__(self, cfg: TrainConfig, run_dir: Path, lock: Optional[RunFolderLock] = None):
+    def __init__(self, cfg: TrainConfig, run_dir: Path):
         check(cfg)
         self.cfg, self.dir = cfg, run_dir
         self.config_dict = dataclasses.asdict(cfg)
@@ -179,7 +179,6 @@ class Run:
             torch.backends.cudnn.benchmark = False
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         self.rank, self.world, self.device, self._owns_group = distributed.setup(t.device)
-        self.lock = lock
         # Same seed on every process: identical initial weights and data order. Stochastic
         # rounding draws from a stream of its own per process and step (seed_step).
         random.seed(cfg.seed)
@@ -267,25 +266,27 @@ class Run:
             return "no checkpoint was written (set trainer.checkpoint_every to save more often)"
         return f"the last good checkpoint is {self.saved[0]} (step {self.saved[1]})"
 
-    def _newest_checkpoint(self) -> Optional[Path]:
-        """last.pt, or best.pt when a kill fell between the two renames of one save (best.pt is
-        renamed first, so it can be one save ahead)."""
+    def _newest_checkpoint(self) -> Optional[tuple[Path, dict]]:
+        """(path, state) of last.pt, or of best.pt when a kill fell between the two renames of one
+        save (best.pt is renamed first, so it can be one save ahead); each file is read once."""
         last, best = self.dir / "last.pt", self.dir / "best.pt"
         if not last.exists():
-            return best if best.exists() else None
+            return (best, checkpoint.load(best)) if best.exists() else None
+        state = checkpoint.load(last)
         if best.exists() and best.stat().st_mtime > last.stat().st_mtime and not os.path.samefile(best, last):
             try:
-                if checkpoint.load(best)["step"] > checkpoint.load(last)["step"]:
-                    return best
+                ahead = checkpoint.load(best)
             except CheckpointError:
-                pass
-        return last
+                ahead = None
+            if ahead is not None and ahead["step"] > state["step"]:
+                return best, ahead
+        return last, state
 
     def _resume(self) -> bool:
-        path = self._newest_checkpoint()
-        if path is None:
+        found = self._newest_checkpoint()
+        if found is None:
             return False
-        state = checkpoint.load(path)
+        path, state = found
         _check_resumable(state["config"], self.config_dict, path)
         try:
             self.model.load_state_dict(state["model"])
