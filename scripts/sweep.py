@@ -3,6 +3,7 @@
     python scripts/sweep.py imagenet --launcher slurm -- hydra.launcher.partition=gpu data.root=/data/imagenet
     python scripts/sweep.py fmnist                 # here: Hydra's basic launcher, one run after another
     python scripts/sweep.py bits --dry-run         # print the jobs and the commands only
+    python scripts/sweep.py converged --jobs 2     # here, two single runs at a time (one thread each)
 
 Run folders land in <root>/<name>/seed<k> (root: runs/<grid>), where scripts/make_tables.py finds
 them. Rerunning the same command resumes unfinished runs and skips finished ones.
@@ -11,6 +12,7 @@ them. Rerunning the same command resumes unfinished runs and skips finished ones
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import itertools
 import shlex
 import subprocess
@@ -28,6 +30,11 @@ ARCH = [f"arch_mobilenet_v2_{v}" for v in ("fp32", "rangebn_fp32", "int8_chunks1
                                              "int8_chunks16_wchannel", "int8_channel_act", "int8_float_expansion_input",
                                              "int8_float_projection_input", "int8_float_conv_input")]
 ARCH += [f"arch_resnet20_{v}" for v in ("fp32", "int8", "int8_channel_act")]
+CONVERGED = ["conv_fp32", "conv_int8"]  # the headline pair: 3 seeds (5 if their spread is above 0.2)
+CONVERGED_ABLATIONS = ["conv_int8_no_bifurcation", "conv_int8_fp32_wgrad", "conv_int8_batchnorm", "conv_rangebn_fp32",
+                       "conv_int8_rangebn_paper", "conv_int8_rangebn_reference"]
+CONVERGED_GRAD_BITS = [4, 6]  # 8 is the conv_int8 row itself
+GRAD_RANGES = ["sample", "channel"]  # at 6 gradient bits; "tensor" (the paper's) is the conv_bits_grad 6-bit row
 GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
 WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
 
@@ -37,6 +44,13 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
     "fmnist": [([f"experiment={','.join(FMNIST)}"], [0, 1, 2])],
     # beyond ResNets (issue 11): every run of results/architectures.md; one seed so far
     "arch": [([f"experiment={','.join(ARCH)}"], [0])],
+    # the converged study (issue 12); seeds beyond these: --seeds 1 (each row then gets seed 1)
+    "converged": [
+        ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2]),
+        ([f"experiment={','.join(CONVERGED_ABLATIONS)}"], [0]),
+        (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
+        (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),
+    ],
     "bits": [
         (["experiment=fmnist_int8", "name=bits_grad", f"quant.grad_bits={','.join(map(str, GRAD_BITS))}"], [0]),
         (["experiment=fmnist_int8", "name=bits_weight", f"quant.weight_bits={','.join(map(str, WEIGHT_ACT_BITS))}"], [0]),
@@ -67,6 +81,35 @@ def commands(grid: str, root: Path, seeds: list[int] | None, launcher: str, extr
     return out
 
 
+def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]) -> list[list[str]]:
+    """Every run of the grid as its own `train.py` command, in grid order and seed-major within
+    each sweep (every row's first seed before any row's second), landing where the multirun would."""
+    out = []
+    for cmd, use in commands(grid, root, seeds, "basic", extra):
+        fixed = [c for c in cmd[3:] if "=" in c and "," not in c.split("=", 1)[1] and not c.startswith(("seed=", "hydra.sweep."))]
+        varying = [c for c in cmd[3:] if "," in c.split("=", 1)[-1] and not c.startswith("seed=")]
+        subdir = next(c for c in cmd if c.startswith("hydra.sweep.subdir=")).split("=", 1)[1]
+        for seed in use:
+            for job in jobs(varying, [seed]):
+                out.append([cmd[0], "train.py", *fixed, *job, f"hydra.run.dir={root}/{subdir}"])
+    return out
+
+
+def run_pool(runs: list[list[str]], n: int, log_dir: Path) -> int:
+    """Run the commands n at a time; each one's output goes to <log_dir>/<k>.log. Returns failures."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+
+    def one(k_cmd):
+        k, cmd = k_cmd
+        with open(log_dir / f"{k:03d}.log", "w") as log:
+            rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+        print(f"{'ok  ' if rc == 0 else f'FAIL rc={rc}'} {shlex.join(cmd[2:])}", flush=True)
+        return rc != 0
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return sum(pool.map(one, enumerate(runs)))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Overrides for every run go after --.")
@@ -74,12 +117,22 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (bits: 0)")
     p.add_argument("--launcher", default="basic", help="hydra/launcher option: basic, slurm, slurm_cpu, submitit_local")
     p.add_argument("--root", type=Path, help="default: runs/<grid>")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="with the basic launcher: this many single runs at a time, seed-major (logs in <root>/logs)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and commands, launch nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
     root = (args.root or ROOT / "runs" / args.grid).resolve()
+    if args.jobs > 1:
+        if args.launcher != "basic":
+            p.error("--jobs runs here; a cluster launcher has its own parallelism")
+        runs = single_runs(args.grid, root, args.seeds, args.extra)
+        print(f"# {len(runs)} runs, {args.jobs} at a time:")
+        for cmd in runs:
+            print("#   " + shlex.join(cmd[2:]), flush=True)
+        return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root / "logs") else 0)
     failed = 0
     for cmd, seeds in commands(args.grid, root, args.seeds, args.launcher, args.extra):
         expanded = jobs([c for c in cmd[3:] if "," in c.split("=", 1)[-1] and not c.startswith("seed=")], seeds)
