@@ -10,6 +10,8 @@ from typing import Any, Mapping, Optional
 from .quantize import ROUNDINGS, check_bits
 
 WEIGHT_RANGES = ("tensor", "channel")
+# range of each layer-gradient quantization: the whole tensor (the paper), per sample (dim 0), per channel (dim 1)
+GRAD_RANGE_DIMS = {"tensor": None, "sample": 0, "channel": 1}
 NORMS = ("batch", "range")
 RANGE_BN_CONSTANTS = ("paper", "reference", "exact")
 FLOAT = "float"  # an override value meaning: this layer stays in float32
@@ -40,6 +42,7 @@ class LayerQuant:
     grad_rounding: str = "stochastic"
     weight_range: str = "tensor"  # "tensor": min/max of the tensor; "channel": per output channel
     act_range: str = "tensor"  # "tensor": the paper's; "channel": per channel where the layer keeps channels apart
+    grad_range: str = "tensor"  # "tensor": the paper's min/max of the whole gradient; "sample" | "channel": one each
     act_momentum: float = 0.1  # running activation range: new = (1 - m) * old + m * batch
 
     def __post_init__(self) -> None:
@@ -52,6 +55,8 @@ class LayerQuant:
             _fail("weight_range", self.weight_range, f"one of {WEIGHT_RANGES}")
         if self.act_range not in WEIGHT_RANGES:
             _fail("act_range", self.act_range, f"one of {WEIGHT_RANGES}")
+        if self.grad_range not in GRAD_RANGE_DIMS:
+            _fail("grad_range", self.grad_range, f"one of {tuple(GRAD_RANGE_DIMS)}")
         m = self.act_momentum
         if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 1:
             _fail("act_momentum", m, "a number in (0, 1]")
@@ -60,6 +65,11 @@ class LayerQuant:
     def is_float(self) -> bool:
         """True when nothing in this layer is quantized."""
         return all(b is None for b in (self.weight_bits, self.act_bits, self.grad_bits, self.grad_weight_bits))
+
+    @property
+    def grad_range_dim(self) -> Optional[int]:
+        """The dimension with one gradient range per index (None: one for the whole tensor)."""
+        return GRAD_RANGE_DIMS[self.grad_range]
 
     @property
     def bifurcated(self) -> bool:

@@ -34,10 +34,11 @@ def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: 
     and the second draw, the largest cost of simulated 8-bit training on a CPU, is saved.
     Without bifurcation both products use the same copy.
     """
+    dim = spec.grad_range_dim
     if not spec.bifurcated:
-        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding)
+        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, dim)
         return g_in, g_in
-    if (need_input and need_weight and None not in (spec.grad_bits, spec.grad_weight_bits)
+    if (need_input and need_weight and None not in (spec.grad_bits, spec.grad_weight_bits) and dim is None
             and spec.grad_rounding == "stochastic" and kernels.backend() == "compiled" and g.numel()):
         # both copies from one read of g, the dither hashed in the same loop (q8.kernels)
         return kernels.get("gradient_copies")(g, kernels.top(spec.grad_bits, g), kernels.top(spec.grad_weight_bits, g),
@@ -47,11 +48,11 @@ def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: 
     if need_input:
         if spec.grad_bits is not None and spec.grad_rounding == "stochastic":
             noise = uniform_noise(g)
-        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, noise=noise)
+        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, dim, noise=noise)
     if need_weight:
         if noise is not None and spec.grad_weight_bits is not None:
             noise = noise.mul_(256).frac_()
-        g_w = quantize_tensor(g, spec.grad_weight_bits, spec.grad_rounding, noise=noise)
+        g_w = quantize_tensor(g, spec.grad_weight_bits, spec.grad_rounding, dim, noise=noise)
     return g_in, g_w
 
 
@@ -212,7 +213,7 @@ class BifurcatedProduct(torch.autograd.Function):
         else:
             xq = x
             ctx.save_for_backward(x)
-        wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, spec.weight_range == "channel")
+        wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, 0 if spec.weight_range == "channel" else None)
         ctx.wq, ctx.ops, ctx.spec, ctx.probe = _as(wq, dtype), ops, spec, probe
         ctx.dtype, ctx.x_dtype, ctx.w_dtype = dtype, x.dtype, weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
@@ -582,7 +583,7 @@ class RangeBNFunction(torch.autograd.Function):
         weight, group = ctx.weight, ctx.group
         g = _as(g, dtype)
         if ctx.grad is not None:
-            g = quantize_tensor(g, ctx.grad[0], ctx.grad[1])
+            g = quantize_tensor(g, *ctx.grad)
         C = xq.shape[1]
         shape = (1, C) + (1,) * (xq.dim() - 2)
         dims = [d for d in range(xq.dim()) if d != 1]
@@ -625,7 +626,7 @@ class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
         y = F.batch_norm(_as(x, _stat_dtype(x)), self.running_mean, self.running_var, self.weight, self.bias,
                          False, 0.0, self.eps)
-        return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding)
+        return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding, s.grad_range_dim)
 
     @classmethod
     def from_float(cls, mod: nn.BatchNorm2d, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
@@ -668,7 +669,7 @@ class RangeBatchNorm2d(_QuantizedNorm):
         batch_range = (lows.mean(0), highs.mean(0)) if self.range_channels() else (lows.amin(1).mean(), highs.amax(1).mean())
         lo, hi = self._act_bounds(x, batch_range)
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
-        grad = (s.grad_bits, s.grad_rounding) if s.grad_bits is not None else None
+        grad = (s.grad_bits, s.grad_rounding, s.grad_range_dim) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
         return RangeBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var, factor,
                                      self.eps, self.chunks, self.constant, act, grad, group, (highs, lows))
@@ -691,5 +692,5 @@ class QBatchNorm2d(_QuantizedNorm):
         lo, hi = self._act_bounds(x)
         if s.act_bits is not None:
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
-        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding)
+        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding, s.grad_range_dim)
 

@@ -279,16 +279,20 @@ def _compact(positions: Tensor, bits: int) -> Tensor:
     return positions.to(torch.uint8 if bits <= 8 else torch.int32)
 
 
-def quantize_tensor(x: Tensor, bits: int | None, rounding: str, per_channel: bool = False, noise=None) -> Tensor:
-    """Quantize-dequantize over x's own range (per output channel if asked); None bits = x."""
+def quantize_tensor(x: Tensor, bits: int | None, rounding: str, range_dim: int | None = None, noise=None) -> Tensor:
+    """Quantize-dequantize over x's own range: the whole tensor's, or one per index of range_dim
+    (0: per output channel of a weight, per sample of a gradient; 1: per channel of a gradient).
+    None bits = x. A tensor of fewer than 2 dimensions is one slice: it uses its whole range."""
     if bits is None:
         return x
-    if not per_channel and noise is None and _fused() and x.numel():
+    if x.dim() < 2:
+        range_dim = None
+    if range_dim is None and noise is None and _fused() and x.numel():
         seed = rounding_seed(x, rounding)
         if seed is None:
             return kernels.get("nearest_own_range")(x.detach(), kernels.top(bits, x))
         return kernels.get("stochastic_own_range")(x.detach(), kernels.top(bits, x), seed)
-    lo, hi = channel_range(x) if per_channel else tensor_range(x)
+    lo, hi = tensor_range(x) if range_dim is None else channel_range(x, range_dim)
     return fake_quantize(x, bits, lo, hi, rounding, noise=noise)
 
 
@@ -351,8 +355,9 @@ def quantize(
     return _FakeQuantize.apply(x, bits, rounding, lo, hi, generator)
 
 
-def quantize_grad(x: Tensor, bits: int | None, rounding: str = "stochastic") -> Tensor:
-    """Return x; the gradient that flows back into it is quantized to `bits` over its own range.
+def quantize_grad(x: Tensor, bits: int | None, rounding: str = "stochastic", range_dim: int | None = None) -> Tensor:
+    """Return x; the gradient that flows back into it is quantized to `bits` over its own range
+    (per index of range_dim when given, as in quantize_tensor).
 
     A tensor hook, not a Function returning a view, so a following in-place op (ReLU(inplace))
     still works; the hook sees the gradient of x's value before any such op.
@@ -362,5 +367,5 @@ def quantize_grad(x: Tensor, bits: int | None, rounding: str = "stochastic") -> 
     check_bits(bits)
     check_rounding(rounding)
     if x.requires_grad:
-        x.register_hook(lambda g: quantize_tensor(g, bits, rounding))
+        x.register_hook(lambda g: quantize_tensor(g, bits, rounding, range_dim))
     return x

@@ -8,7 +8,7 @@ from torch import nn
 import q8
 import q8.models
 from q8 import LayerQuant, QConv2d, QLinear
-from q8.quantize import channel_sample_mean_range, fake_quantize
+from q8.quantize import channel_sample_mean_range, fake_quantize, quantize_tensor
 
 PAPER = LayerQuant()  # 8-bit W/A/G, 16-bit weight-gradient copy
 
@@ -338,3 +338,51 @@ def test_per_channel_activation_ranges_where_channels_stay_apart():
     again = q8.convert(q8.models.build("mobilenet_v2_cifar", num_classes=10, in_channels=1, width_mult=0.5),
                        q8.QuantConfig.preset("int8", act_range="channel"))
     again.load_state_dict(state)
+
+
+@pytest.mark.parametrize("grad_range,dim", [("sample", 0), ("channel", 1)])
+def test_gradient_range_per_sample_or_channel_keeps_small_slices(grad_range, dim):
+    """One range per slice of dim: each slice's error stays below its own step and is unbiased, so a
+    slice 1000x smaller than the widest keeps its direction, where one range for the tensor
+    (the paper's) rounds it to a coarse grid."""
+    torch.manual_seed(0)
+    g = torch.randn(6, 5, 4, 4, dtype=torch.float64)
+    g.select(dim, 0).mul_(1000)
+    draws = 2000
+    spec = LayerQuant(grad_bits=6, grad_weight_bits=12, grad_range=grad_range)
+    mean_in = torch.zeros_like(g)
+    for _ in range(draws):
+        g_in, g_w = q8.layers.gradient_copies(g, spec, True, True)
+        for copy, bits in ((g_in, 6), (g_w, 12)):
+            lo, hi = q8.channel_range(g, dim)
+            assert ((copy - g).abs() <= (hi - lo) / (2**bits - 1) * (1 + 1e-9)).all()
+        mean_in += g_in / draws
+    small = g.select(dim, 1)
+    assert F.cosine_similarity(g_in.select(dim, 1).flatten(), small.flatten(), dim=0) > 0.95
+    step = (small.max() - small.min()) / 63
+    assert (mean_in.select(dim, 1) - small).abs().max() < 4 * (step / 2) / draws**0.5
+    paper, _ = q8.layers.gradient_copies(g, LayerQuant(grad_bits=6, grad_weight_bits=12), True, True)
+    assert F.cosine_similarity(paper.select(dim, 1).flatten(), small.flatten(), dim=0) < 0.5
+
+
+def test_layers_back_propagate_on_the_per_sample_grid():
+    """QLinear's input gradient is g_in W with g_in on each sample's own 2-bit grid; a 1-d gradient
+    (no sample dimension) falls back to the tensor's range."""
+    spec = LayerQuant(weight_bits=None, act_bits=None, grad_bits=2, grad_weight_bits=None, grad_range="sample")
+    lin = QLinear(5, 3, bias=False, spec=spec)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    lin.double()
+    g = torch.randn(7, 3, dtype=torch.float64) * torch.logspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    lin(x).backward(g)
+    g_in = torch.linalg.lstsq(lin.weight.detach().t(), x.grad.t()).solution.t()  # x.grad = g_in W
+    lo, hi = q8.channel_range(g, 0)
+    codes = (g_in - lo) / ((hi - lo) / 3)
+    assert torch.allclose(codes, codes.round(), atol=1e-6) and (codes.round() >= 0).all() and (codes.round() <= 3).all()
+    assert torch.equal(lin.weight.grad, g.t() @ x.detach())  # float weight-gradient copy
+    v = torch.linspace(-1, 1, 9)
+    assert torch.equal(quantize_tensor(v, 2, "nearest", 0), quantize_tensor(v, 2, "nearest"))
+
+
+def test_unknown_gradient_range_names_the_field():
+    with pytest.raises(ValueError, match="grad_range"):
+        LayerQuant(grad_range="row")
