@@ -3,9 +3,11 @@
     python scripts/make_tables.py                      # reads runs/, writes results/
     python scripts/make_tables.py --runs /cluster/runs --out results
 
-Writes paper_table.md (METHOD.md section 5 beside our runs), fmnist.md (the Fashion-MNIST study),
-bits.md, architectures.md (arch_* runs: beyond ResNets) and, unless --no-plots, fmnist.png and bits.png. Every figure is a mean +- sample std over
-seeds with n and the run folders it comes from. The same runs give the same tables byte for byte.
+Writes paper_table.md (METHOD.md section 5 beside our runs), converged.md (the converged Fashion-MNIST
+study: every claim of the paper with a 95% confidence interval), fmnist.md (the small study), bits.md,
+architectures.md (arch_* runs: beyond ResNets) and, unless --no-plots, converged.png, fmnist.png and
+bits.png. Every figure is a mean +- sample std over seeds with n and the run folders it comes from.
+The same runs give the same tables byte for byte.
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ FMNIST_ROWS = [
 BITS_SWEEPS = [("bits_grad", "grad_bits", "layer gradients (grad_bits)"),
                ("bits_weight", "weight_bits", "weights (weight_bits)"),
                ("bits_act", "act_bits", "activations (act_bits)")]
+CONVERGED_ROWS = [
+    ("conv_fp32", "FP32, standard BN"),
+    ("conv_int8", "int8 (the paper): W/A/G 8, weight-gradient copy 16, Range BN"),
+    ("conv_int8_no_bifurcation", "int8, no bifurcation (8-bit weight-gradient copy)"),
+    ("conv_int8_fp32_wgrad", "int8, float32 weight-gradient copy (reference code)"),
+    ("conv_int8_batchnorm", "int8 with standard BN (8-bit input and gradient)"),
+    ("conv_rangebn_fp32", "FP32 with Range BN"),
+    ("conv_int8_rangebn_paper", "int8, Range BN constant: paper 1/sqrt(2 ln n)"),
+    ("conv_int8_rangebn_reference", "int8, Range BN constant: reference"),
+    ("conv_bits_grad/grad_bits4", "int8 with 4-bit layer gradients"),
+    ("conv_bits_grad/grad_bits6", "int8 with 6-bit layer gradients (per-tensor range: the paper's)"),
+    ("conv_grad_range/grad_rangesample", "int8 with 6-bit layer gradients, one range per sample"),
+    ("conv_grad_range/grad_rangechannel", "int8 with 6-bit layer gradients, one range per channel"),
+]
+MARGIN = 0.3  # top-1 points: "as good as" means the 95% interval of the difference lies within +-MARGIN
+# (claim, row, baseline, kind): "same" = the paper says no loss; "lower" = the paper says the row loses
+# accuracy against its baseline; "differs" = an ablation the paper makes no claim about
+CLAIMS = [
+    ("8-bit training (W/A/G 8, 16-bit weight-gradient copy, Range BN) matches float32", "int8", "fp32", "same"),
+    ("a 16-bit weight-gradient copy matches a float32 one", "int8", "int8_fp32_wgrad", "same"),
+    ("gradients bifurcation: an 8-bit weight-gradient copy loses accuracy", "int8_no_bifurcation", "int8", "lower"),
+    ("Range BN matches standard BN (float32)", "rangebn_fp32", "fp32", "same"),
+    ("at 8 bits, standard BN loses accuracy against Range BN", "int8_batchnorm", "int8", "lower"),
+    ("Range BN constant: the paper's 1/sqrt(2 ln n) against the exact one", "int8_rangebn_paper", "int8", "differs"),
+    ("Range BN constant: the reference code's against the exact one", "int8_rangebn_reference", "int8", "differs"),
+    ("layer gradients: 6 bits match 8 (the poster's flat curve from 6)", "bits_grad/grad_bits6", "int8", "same"),
+    ("layer gradients: 4 bits lose accuracy against 8", "bits_grad/grad_bits4", "int8", "lower"),
+    ("6-bit layer gradients with one range per sample match 8 bits", "grad_range/grad_rangesample", "int8", "same"),
+    ("6-bit layer gradients with one range per channel match 8 bits", "grad_range/grad_rangechannel", "int8", "same"),
+]
 KINDS = [("activation", "forward: activations"), ("weight", "forward: weights"),
          ("layer_grad", "backward: layer gradients"), ("weight_grad", "backward: weight gradients")]
 
@@ -64,6 +96,98 @@ def stats(values: list) -> str:
     mean = statistics.fmean(done)
     spread = statistics.stdev(done) if len(done) > 1 else 0.0
     return f"{mean:.2f} +- {spread:.2f} (n={len(done)})" + (f"; {diverged}" if diverged else "")
+
+
+def row_key(run: dict) -> str:
+    """A run's row: its folder from the experiment name on, without the seed (e.g.
+    conv_bits_grad/grad_bits6), so swept values of one name are rows of their own."""
+    parts = run["_folder"].split("/")
+    start = parts.index(run["name"]) if run["name"] in parts else len(parts) - 2
+    return "/".join(parts[start:-1]) if parts[-1].startswith("seed") else "/".join(parts[start:])
+
+
+def top1s(runs: list[dict]) -> list[float]:
+    return [r["val_top1"] for r in runs if r.get("val_top1") is not None]
+
+
+def difference_interval(row: list[float], base: list[float], level: float = 0.95) -> tuple[float, float, float, str] | None:
+    """(mean difference, low, high, method) of row - base: Welch's t-interval when both sides have 2+
+    seeds; with 1 seed on a side, Student's pooled interval (that side's spread taken to be the
+    other's); None with 1 seed on each side, or no spread at all (nothing to go on)."""
+    from scipy import stats as st
+
+    if len(row) + len(base) < 3 or max(statistics.pvariance(row), statistics.pvariance(base)) == 0:
+        return None
+    welch = len(row) > 1 and len(base) > 1
+    ci = st.ttest_ind(row, base, equal_var=not welch).confidence_interval(level)
+    diff = statistics.fmean(row) - statistics.fmean(base)
+    return diff, float(ci.low), float(ci.high), "Welch" if welch else "pooled: one side has 1 seed"
+
+
+def verdict(kind: str, interval: tuple | None, n: tuple[int, int]) -> str:
+    unresolved = f"not resolved at n={n[0]}/{n[1]} seeds"
+    if interval is None:
+        return unresolved
+    _, lo, hi, _ = interval
+    if kind == "same":
+        if -MARGIN <= lo and hi <= MARGIN:
+            return f"resolved: the same within {MARGIN}"
+        if hi < -MARGIN or lo > MARGIN:
+            return f"resolved: differs by more than {MARGIN}"
+        return unresolved
+    if kind == "lower":
+        if hi < 0:
+            return "resolved: lower"
+        if lo > -MARGIN:
+            return f"resolved: no loss beyond {MARGIN}"
+        return unresolved
+    return "resolved: differs" if hi < 0 or lo > 0 else unresolved
+
+
+def claims_table(groups: dict[str, list[dict]], prefix: str, claims: list[tuple] = CLAIMS) -> list[str]:
+    """Every comparison the paper makes, as row - baseline with its 95% interval and a verdict."""
+    lines = ["| claim | row - baseline (top-1 points) | 95% interval | n (row/baseline) | verdict |",
+             "|" + " --- |" * 5]
+    for claim, row, base, kind in claims:
+        a, b = top1s(groups.get(prefix + row, [])), top1s(groups.get(prefix + base, []))
+        if not a or not b:
+            lines.append(f"| {claim} (`{prefix}{row}` vs `{prefix}{base}`) | not run here | - | {len(a)}/{len(b)} | - |")
+            continue
+        ci = difference_interval(a, b)
+        diff = statistics.fmean(a) - statistics.fmean(b)
+        where = f"[{ci[1]:+.2f}, {ci[2]:+.2f}] ({ci[3]})" if ci else "-"
+        lines.append(f"| {claim} (`{prefix}{row}` vs `{prefix}{base}`) | {diff:+.2f} | {where} | {len(a)}/{len(b)} | "
+                     f"{verdict(kind, ci, (len(a), len(b)))} |")
+    return lines
+
+
+def converged_table(runs: list[dict], source: str) -> str:
+    groups = defaultdict(list)
+    for r in runs:
+        groups[row_key(r)].append(r)
+    lines = header(
+        "Converged Fashion-MNIST study: the paper's claims with 95% confidence intervals", source,
+        "Validation top-1 / top-5 (%) on the 10k test images after the last epoch, mean +- sample std over seeds "
+        "(n: seeds; diverged runs counted, not averaged).",
+        ["run", "top-1", "top-5", "wall time per run (min)", "run folders"],
+    )
+    for key, label in CONVERGED_ROWS:
+        rs = groups.get(key, [])
+        wall = f"{statistics.fmean(r['wall_time_s'] for r in rs) / 60:.0f}" if rs else "-"
+        lines.append(f"| {label} (`{key}`) | {stats([r['val_top1'] for r in rs])} | "
+                     f"{stats([r['val_top5'] for r in rs])} | {wall} | {folders(rs)} |")
+    lines += ["", "## The paper's claims", "", CLAIMS_NOTE, ""]
+    lines += claims_table(groups, "conv_")
+    lines += ["", _provenance(runs), "",
+              "Regenerate: `python scripts/sweep.py converged --jobs 2` (resumable), then "
+              "`python scripts/make_tables.py --readme README.md`.", ""]
+    return "\n".join(lines)
+
+
+CLAIMS_NOTE = (f"Each claim as a difference of mean top-1 to its baseline with a 95% confidence interval over seeds. "
+              f"\"The same\" is resolved when the whole interval lies within +-{MARGIN} points (the study's goal for "
+              f"int8 against float32), \"differs\" when it excludes the margin (or zero, for ablations the paper makes "
+              f"no claim about); \"lower\" when it lies below zero. Anything else is not resolved at that many seeds.")
 
 
 def folders(runs: list[dict]) -> str:
@@ -114,6 +238,8 @@ def fmnist_table(runs: list[dict], source: str) -> str:
         rs_top5 = [r["val_top5"] for r in rs]
         lines.append(f"| {label} (`{name}`) | {stats([r['val_top1'] for r in rs])} | "
                      f"{stats(rs_top5)} | {wall} | {folders(rs)} |")
+    lines += ["", "## The paper's claims at this scale", "", CLAIMS_NOTE, ""]
+    lines += claims_table(groups, "fmnist_", [c for c in CLAIMS if not c[1].startswith(("bits_", "grad_range"))])
     lines += ["", _provenance(runs), ""]
     return "\n".join(lines)
 
@@ -216,6 +342,50 @@ def bound(bits: int, n: int) -> float:
     return 2**bits / (2**bits + math.sqrt(math.log(n)) / math.sqrt(6))
 
 
+def mean_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of its t-interval); half-width 0 for a single seed."""
+    from scipy import stats as st
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, float(st.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values)))
+
+
+def converged_plot(runs: list[dict], out: Path, plt, meta: dict) -> None:
+    """Every row with its 95% interval of the mean, and top-1 against layer-gradient bits."""
+    groups = defaultdict(list)
+    for r in runs:
+        groups[row_key(r)].append(r)
+    present = [(k, lab) for k, lab in CONVERGED_ROWS if top1s(groups.get(k, []))]
+    if not present:
+        return
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    mi = [mean_interval(top1s(groups[k])) for k, _ in present]
+    a1.errorbar([m for m, _ in mi], range(len(present)), xerr=[h for _, h in mi], fmt="o", capsize=3)
+    a1.set_yticks(range(len(present)), [f"{k.removeprefix('conv_')} (n={len(top1s(groups[k]))})" for k, _ in present], fontsize=8)
+    a1.invert_yaxis()
+    a1.set_xlabel("validation top-1 (%), mean and 95% interval over seeds")
+    a1.set_title("converged Fashion-MNIST, ResNet-20")
+    base = top1s(groups.get("conv_int8", []))
+    curves = [("per tensor (the paper)", [(4, "conv_bits_grad/grad_bits4"), (6, "conv_bits_grad/grad_bits6"), (8, "conv_int8")]),
+              ("per sample", [(6, "conv_grad_range/grad_rangesample")]), ("per channel", [(6, "conv_grad_range/grad_rangechannel")])]
+    for label, pts in curves:
+        pts = [(b, mean_interval(top1s(groups[k]))) for b, k in pts if top1s(groups.get(k, []))]
+        if pts:
+            a2.errorbar([b for b, _ in pts], [m for _, (m, _) in pts], yerr=[h for _, (_, h) in pts], fmt="o-", capsize=3, label=label)
+    if fp32 := top1s(groups.get("conv_fp32", [])):
+        a2.axhline(statistics.fmean(fp32), color="k", ls="--", label="float32")
+    if base or fp32:
+        a2.set_xlabel("layer-gradient bits (weights, activations 8)")
+        a2.set_ylabel("validation top-1 (%)")
+        a2.set_title("gradient bits and range estimator")
+        a2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "converged.png", dpi=100, metadata=meta)
+    plt.close(fig)
+
+
 def plots(runs: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -223,6 +393,7 @@ def plots(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     meta = {"Software": None}  # no version stamp: same runs, same file
+    converged_plot([r for r in runs if r["name"].startswith("conv_")], out, plt, meta)
     groups = by_name(runs)
     present = [(n, lab) for n, lab in FMNIST_ROWS if groups.get(n)]
     if present:
@@ -243,11 +414,11 @@ def plots(runs: list[dict], out: Path) -> None:
     if any(rows for _, _, rows in sweeps):
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
         for label, key, rows in sweeps:
-            pts = [(b, statistics.fmean(done)) for b, rs in rows if (done := [r["val_top1"] for r in rs if r["val_top1"] is not None])]
+            pts = [(b, mean_interval(done)) for b, rs in rows if (done := top1s(rs))]
             if pts:
-                a1.plot(*zip(*pts), "o-", label=label)
+                a1.errorbar([b for b, _ in pts], [m for _, (m, _) in pts], yerr=[h for _, (_, h) in pts], fmt="o-", capsize=3, label=label)
         a1.set_xlabel("bits M")
-        a1.set_ylabel("validation top-1 (%)")
+        a1.set_ylabel("validation top-1 (%), 95% interval where n > 1")
         a1.legend()
         a1.set_title("accuracy vs bit-width")
         for kind, label in KINDS:
@@ -277,6 +448,7 @@ def main(argv=None) -> None:
     source = f"`{args.runs.resolve().relative_to(ROOT).as_posix() if args.runs.resolve().is_relative_to(ROOT) else args.runs.name}/`"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "paper_table.md").write_text(paper_table(runs, source))
+    (args.out / "converged.md").write_text(converged_table([r for r in runs if r["name"].startswith("conv_")], source))
     (args.out / "fmnist.md").write_text(fmnist_table([r for r in runs if r["name"].startswith("fmnist_")], source))
     (args.out / "bits.md").write_text(bits_table(runs, source))
     (args.out / "architectures.md").write_text(arch_table([r for r in runs if r["name"].startswith("arch_")], source))
@@ -294,7 +466,7 @@ def update_readme(readme: Path, out: Path) -> None:
     """Copy the generated tables (and plots) into README.md between the results markers."""
     rel = out.resolve().relative_to(readme.resolve().parent).as_posix()
     parts = []
-    for name, image in (("fmnist.md", "fmnist.png"), ("bits.md", "bits.png"), ("paper_table.md", None)):
+    for name, image in (("converged.md", "converged.png"), ("fmnist.md", "fmnist.png"), ("bits.md", "bits.png"), ("paper_table.md", None)):
         text = (out / name).read_text().replace("\n## ", "\n#### ")
         text = text.replace("# ", "### ", 1)
         parts.append(text.strip())

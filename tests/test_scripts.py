@@ -26,8 +26,8 @@ def test_every_grid_row_is_an_experiment():
     assert [n for n, _ in make_tables.FMNIST_ROWS] == sweep.FMNIST
 
 
-def fake_run(root: Path, name: str, seed: int, top1: float, **quant):
-    d = root / name / f"seed{seed}"
+def fake_run(root: Path, name: str, seed: int, top1: float, sub: str = "", **quant):
+    d = root / name / sub / f"seed{seed}"
     d.mkdir(parents=True)
     config = {"model": {"name": "resnet20", "kwargs": {"width": 8}}, "data": {"train_subset": 100, "batch_size": 8},
               "trainer": {"epochs": 1}, "schedule": {"name": "cosine", "warmup_epochs": 1},
@@ -67,3 +67,32 @@ def test_diverged_runs_are_counted_not_averaged(tmp_path):
     make_tables.main(["--runs", str(runs), "--out", str(tmp_path / "out")])
     bits = (tmp_path / "out" / "bits.md").read_text()
     assert "| 2 | 1 of 1 diverged |" in bits and "| 3 | 50.00 +- 0.00 (n=1) |" in bits
+
+
+def test_claims_get_welch_intervals_and_a_verdict(tmp_path):
+    """int8 vs fp32 within 0.3 on 3 seeds each is resolved; a row 2 points lower on one seed is
+    resolved as lower (the baseline's spread stands in for it); two single seeds are not resolved."""
+    runs = tmp_path / "runs"
+    for seed, (a, b) in enumerate([(92.50, 92.45), (92.60, 92.55), (92.40, 92.50)]):
+        fake_run(runs, "conv_fp32", seed, a)
+        fake_run(runs, "conv_int8", seed, b)
+    fake_run(runs, "conv_int8_no_bifurcation", 0, 90.5)
+    fake_run(runs, "conv_int8_fp32_wgrad", 0, 91.0)
+    fake_run(runs, "conv_bits_grad", 0, 91.0, sub="grad_bits6", grad_bits=6)
+    out = tmp_path / "out"
+    make_tables.main(["--runs", str(runs), "--out", str(out)])
+    md = (out / "converged.md").read_text()
+    row = lambda text: next(line for line in md.splitlines() if text in line)  # noqa: E731
+    # Welch by hand: diff 0, se = sqrt(0.01/3 + 0.0025/3) = 0.0645, df = 2.94, t = 3.19: +-0.206
+    assert "| +0.00 | [-0.21, +0.21] (Welch) | 3/3 | resolved: the same within 0.3 |" in row("`conv_int8` vs `conv_fp32`")
+    assert "(pooled: one side has 1 seed) | 1/3 | resolved: lower |" in row("`conv_int8_no_bifurcation` vs")
+    assert "| -1.50 |" in row("`conv_bits_grad/grad_bits6` vs `conv_int8`")
+    assert "not run here" in row("`conv_int8_batchnorm` vs") and "92.50 +- 0.05 (n=3)" in row("`conv_int8`)")
+    assert "`converged/" not in md and "`conv_bits_grad/grad_bits6/seed0`" in md
+    make_tables.main(["--runs", str(runs), "--out", str(tmp_path / "again")])
+    for name in ("converged.md", "converged.png"):
+        assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
+    assert make_tables.verdict("same", None, (1, 1)) == "not resolved at n=1/1 seeds"
+    assert make_tables.verdict("same", (0.0, -0.5, 0.2, "Welch"), (3, 3)).startswith("not resolved")
+    assert make_tables.verdict("lower", (0.1, -0.2, 0.4, "Welch"), (3, 3)) == "resolved: no loss beyond 0.3"
+    assert make_tables.difference_interval([92.0, 92.0], [91.0, 91.0]) is None  # no spread: nothing to go on
