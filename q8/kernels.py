@@ -63,13 +63,17 @@ def compile_seconds() -> float:
 # ---- the kernels, as plain torch code --------------------------------------------------------
 
 
-def hash_uniform(seed: Tensor, like: Tensor) -> Tensor:
+def hash_uniform(seed: Tensor, like: Tensor, offset: Optional[Tensor] = None) -> Tensor:
     """U[0, 1) on a 2^-24 grid, one per element of `like`: a 32-bit integer hash of (seed, index).
+    offset: the index of like's first element in a larger tensor it is a leading slice of, so a
+    tensor quantized chunk by chunk gets the very values it would get at once.
 
     All products stay below 2^63 (32-bit values times multipliers below 2^31), so the int64
     arithmetic never overflows, on any backend.
     """
     index = torch.arange(like.numel(), device=like.device, dtype=torch.int64).view(like.shape)
+    if offset is not None:
+        index = index + offset
     # mix the index, then mix again with the seed: two calls' streams never line up shifted
     h = _mix32(_mix32(index & _M32) ^ seed)
     return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
@@ -103,9 +107,9 @@ def k_nearest(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor) -> Tensor:
     return _values(k, lo, scale, x.dtype)
 
 
-def k_stochastic(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, seed: Tensor) -> Tensor:
-    """Quantize-dequantize over [lo, hi], stochastic rounding dithered by hash_uniform(seed)."""
-    k, scale = _positions(x, lo, hi, top, hash_uniform(seed, x))
+def k_stochastic(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, seed: Tensor, offset: Optional[Tensor] = None) -> Tensor:
+    """Quantize-dequantize over [lo, hi], stochastic rounding dithered by hash_uniform(seed, offset)."""
+    k, scale = _positions(x, lo, hi, top, hash_uniform(seed, x, offset))
     return _values(k, lo, scale, x.dtype)
 
 
@@ -127,19 +131,41 @@ def k_quantize_with_codes(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, code_d
     return _values(k, lo, scale, x.dtype), k.to(code_dtype), scale
 
 
-def k_gradient_copies(g: Tensor, top_in: Tensor, top_w: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
-    """Both copies of gradients bifurcation from one read of g: Q(g) with top_in levels dithered
-    with u, Q(g) with top_w levels dithered with frac(256 u), u from the hash (see
-    q8.layers.gradient_copies)."""
-    lo, hi = torch.aminmax(g)
-    u = hash_uniform(seed, g)
-    k_in, s_in = _positions(g, lo, hi, top_in, u)
-    k_w, s_w = _positions(g, lo, hi, top_w, (u * 256).frac())
-    return _values(k_in, lo, s_in, g.dtype), _values(k_w, lo, s_w, g.dtype)
+def k_stochastic_low_bits(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, seed: Tensor,
+                          offset: Optional[Tensor] = None) -> Tensor:
+    """k_stochastic dithered with frac(256 u) of the same hash u: the weight-gradient copy of
+    gradients bifurcation, which shares the input-gradient copy's draw (q8.layers.GradientCopies)."""
+    k, scale = _positions(x, lo, hi, top, (hash_uniform(seed, x, offset) * 256).frac())
+    return _values(k, lo, scale, x.dtype)
+
+
+def _channel_view(v: Tensor, like: Tensor) -> Tensor:
+    return v.view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def k_range_bn_grad_sums(g: Tensor, g_lo: Tensor, g_hi: Tensor, top: Tensor, seed: Tensor, codes: Tensor,
+                         x_lo: Tensor, x_scale: Tensor) -> tuple[Tensor, Tensor]:
+    """Range BN backward, first pass: per channel, sum(Q(g)) and sum(Q(g) * x_hat), with Q(g) the
+    stochastic quantization of g over [g_lo, g_hi] and x_hat the saved input rebuilt from its codes,
+    neither of them materialized."""
+    k, step = _positions(g, g_lo, g_hi, top, hash_uniform(seed, g))
+    gq = _values(k, g_lo, step, g.dtype)
+    xq = _values(codes.to(x_scale.dtype), x_lo, x_scale, g.dtype)
+    dims = [0] + list(range(2, g.dim()))
+    return gq.sum(dims), (gq * xq).sum(dims)
+
+
+def k_range_bn_grad_input(g: Tensor, g_lo: Tensor, g_hi: Tensor, top: Tensor, seed: Tensor, a: Tensor,
+                          b: Tensor) -> Tensor:
+    """Range BN backward, second pass: a[c] * Q(g) + b[c], with Q(g) drawn again from the same seed
+    (the same values as the first pass, no stored copy)."""
+    k, step = _positions(g, g_lo, g_hi, top, hash_uniform(seed, g))
+    return torch.addcmul(_channel_view(b, g), _values(k, g_lo, step, g.dtype), _channel_view(a, g))
 
 
 KERNELS: dict[str, Callable] = {f.__name__[2:]: f for f in (
-    k_nearest, k_stochastic, k_nearest_own_range, k_stochastic_own_range, k_quantize_with_codes, k_gradient_copies)}
+    k_nearest, k_stochastic, k_nearest_own_range, k_stochastic_own_range, k_quantize_with_codes, k_stochastic_low_bits,
+    k_range_bn_grad_sums, k_range_bn_grad_input)}
 
 
 def get(name: str) -> Callable:

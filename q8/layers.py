@@ -20,40 +20,87 @@ from torch.nn.utils import parametrize
 
 from .config import LayerQuant
 from . import kernels
-from .quantize import (Codes, channel_sample_mean_range, quantize, quantize_grad, quantize_tensor, quantize_with_codes,
-                       rounding_seed, sample_mean_range, uniform_noise)
+from .quantize import (Codes, channel_range, channel_sample_mean_range, fake_quantize, quantize, quantize_grad,
+                       quantize_tensor, quantize_with_codes, rounding_seed, sample_mean_range, tensor_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
 
 
-def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool, need_weight: bool) -> tuple:
-    """(Q_grad_bits(g), Q_grad_weight_bits(g)): the two copies of gradients bifurcation.
+class GradientCopies:
+    """Q_grad_bits(g) and Q_grad_weight_bits(g): the two copies of gradients bifurcation, made one
+    at a time and, where asked, one slice of rows (samples) at a time, so a layer's backward never
+    holds a full-size copy: the range is g's whole range (or per sample / channel), measured once.
 
     Stochastic copies share one draw: the weight-gradient copy dithers with the low 16 bits of
     the 24-bit uniform the input-gradient copy uses (frac(256 u)), so each copy is unbiased
-    and the second draw, the largest cost of simulated 8-bit training on a CPU, is saved.
-    Without bifurcation both products use the same copy.
+    and the second draw, the largest cost of simulated 8-bit training on a CPU, is saved. The
+    fused kernels hash u from (seed, element index), so any slice, in any order, gets the values
+    it would get at once; the eager path draws u once for all of g. Without bifurcation both
+    products use the same copy (the same bits, the same u).
     """
-    dim = spec.grad_range_dim
-    if not spec.bifurcated:
-        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, dim)
-        return g_in, g_in
-    if (need_input and need_weight and None not in (spec.grad_bits, spec.grad_weight_bits) and dim is None
-            and spec.grad_rounding == "stochastic" and kernels.backend() == "compiled" and g.numel()):
-        # both copies from one read of g, the dither hashed in the same loop (q8.kernels)
-        return kernels.get("gradient_copies")(g, kernels.top(spec.grad_bits, g), kernels.top(spec.grad_weight_bits, g),
-                                              rounding_seed(g, "stochastic"))
-    g_in = g_w = None
-    noise = None
-    if need_input:
-        if spec.grad_bits is not None and spec.grad_rounding == "stochastic":
-            noise = uniform_noise(g)
-        g_in = quantize_tensor(g, spec.grad_bits, spec.grad_rounding, dim, noise=noise)
-    if need_weight:
-        if noise is not None and spec.grad_weight_bits is not None:
-            noise = noise.mul_(256).frac_()
-        g_w = quantize_tensor(g, spec.grad_weight_bits, spec.grad_rounding, dim, noise=noise)
-    return g_in, g_w
+
+    def __init__(self, g: Tensor, spec: LayerQuant):
+        self.g, self.spec = g, spec
+        dim = spec.grad_range_dim if g.dim() >= 2 else None
+        self.per_row = dim == 0  # one range per sample: a slice of rows takes its own
+        self.lo, self.hi = tensor_range(g) if dim is None else channel_range(g, dim)
+        stochastic = spec.grad_rounding == "stochastic"
+        bits = (spec.grad_bits, spec.grad_weight_bits)
+        self.fused = stochastic and dim is None and kernels.backend() == "compiled" and g.numel() > 0
+        self.seed = rounding_seed(g, "stochastic") if self.fused else None
+        self.noise = None
+        if stochastic and not self.fused and bits != (None, None):
+            # q8's scratch buffer, valid until the next draw: a layer's backward draws nothing else
+            self.noise = uniform_noise(g)
+
+    def input(self, rows: Optional[slice] = None) -> Tensor:
+        """The copy that back-propagates: Q_grad_bits(g) (of these rows), dithered with u."""
+        return self._copy(self.spec.grad_bits, False, rows)
+
+    def weight(self, rows: Optional[slice] = None) -> Tensor:
+        """The copy for the weight (and bias) gradient: Q_grad_weight_bits(g), dithered with frac(256 u)."""
+        if not self.spec.bifurcated:
+            return self._copy(self.spec.grad_bits, False, rows)
+        return self._copy(self.spec.grad_weight_bits, True, rows)
+
+    def _copy(self, bits: Optional[int], low_bits: bool, rows: Optional[slice]) -> Tensor:
+        g = self.g if rows is None else self.g[rows]
+        if bits is None:
+            return g
+        lo, hi = (self.lo[rows], self.hi[rows]) if self.per_row and rows is not None else (self.lo, self.hi)
+        if self.fused:
+            offset = None
+            if rows is not None and rows.start:
+                offset = torch.tensor(rows.start * (self.g.numel() // self.g.shape[0]), device=g.device)
+            kernel = kernels.get("stochastic_low_bits" if low_bits else "stochastic")
+            return kernel(g.detach(), lo, hi, kernels.top(bits, g), self.seed, offset)
+        noise = self.noise if self.noise is None or rows is None else self.noise[rows]
+        if noise is not None and low_bits:
+            noise = (noise * 256).frac_()
+        return fake_quantize(g, bits, lo, hi, self.spec.grad_rounding, noise=noise)
+
+
+# The backward of a quantized layer runs over slices of its batch when its input holds more than
+# this many elements: every temporary (the dequantized input, both gradient copies, the backend's
+# scratch) is then slice-sized, and only the input gradient itself is full-size.
+BACKWARD_SLICE_ELEMENTS = 1 << 22
+
+
+def row_slices(n_rows: int, elements: int) -> list[Optional[slice]]:
+    """[None] (all at once) or near-equal slices of rows holding at most about
+    BACKWARD_SLICE_ELEMENTS elements."""
+    parts = min(n_rows, -(-elements // BACKWARD_SLICE_ELEMENTS))
+    if parts <= 1:
+        return [None]
+    size = -(-n_rows // parts)
+    return [slice(start, min(start + size, n_rows)) for start in range(0, n_rows, size)]
+
+
+def gradient_copies(g: Tensor, spec: LayerQuant, need_input: bool = True, need_weight: bool = True) -> tuple:
+    """(Q_grad_bits(g), Q_grad_weight_bits(g)), both at once (None where not needed); layers make
+    them one at a time with GradientCopies."""
+    copies = GradientCopies(g, spec)
+    return copies.input() if need_input else None, copies.weight() if need_weight else None
 
 
 # ---- the running activation range, shared by every quantized layer ---------------------------
@@ -206,47 +253,93 @@ class BifurcatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ops, spec: LayerQuant, act_lo, act_hi, probe):
         dtype = compute_dtype(x)
-        if spec.act_bits is not None:
-            xq, x_codes = quantize_with_codes(x, spec.act_bits, act_lo, act_hi, spec.act_rounding)
-            # Keep the codes, not a float copy: the saved input shrinks 4x.
-            ctx.save_for_backward(x_codes.codes, x_codes.lo, x_codes.scale)
-        else:
-            xq = x
-            ctx.save_for_backward(x)
         wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, 0 if spec.weight_range == "channel" else None)
         ctx.wq, ctx.ops, ctx.spec, ctx.probe = _as(wq, dtype), ops, spec, probe
-        ctx.dtype, ctx.x_dtype, ctx.w_dtype = dtype, x.dtype, weight.dtype
+        ctx.dtype, ctx.x_dtype, ctx.w_dtype, ctx.x_shape = dtype, x.dtype, weight.dtype, x.shape
         ctx.b_dtype = bias.dtype if bias is not None else None
-        _record(probe, "activation", x, xq)
         _record(probe, "weight", weight, wq)
+        if spec.act_bits is None:
+            ctx.save_for_backward(x)
+            _record(probe, "activation", x, x)
+            if probe is not None:
+                probe["input"] = x.detach()
+            with _no_autocast(x):
+                return ops.forward(_as(x, dtype), ctx.wq, _as(bias, dtype))
+        # A large input is quantized and multiplied a slice of samples at a time, so the float
+        # copy of the quantized input (and the backend's scratch) is slice-sized; what is kept
+        # for backward is the 8-bit codes, not a float copy: the saved input shrinks 4x.
+        parts = row_slices(x.shape[0], x.numel()) if x.dim() > 1 and probe is None else [None]
+        out = codes = None
+        for rows in parts:
+            xq, x_codes = quantize_with_codes(x if rows is None else x[rows], spec.act_bits, act_lo, act_hi, spec.act_rounding)
+            with _no_autocast(x):
+                y = ops.forward(_as(xq, dtype), ctx.wq, _as(bias, dtype))
+            if rows is None:
+                out, codes = y, x_codes.codes
+                break
+            if out is None:
+                out = y.new_empty((x.shape[0],) + y.shape[1:])
+                codes = x_codes.codes.new_empty(x.shape)
+            out[rows], codes[rows] = y, x_codes.codes
+        ctx.save_for_backward(codes, x_codes.lo, x_codes.scale)
         if probe is not None:
+            _record(probe, "activation", x, xq)
             probe["input"] = x.detach()
-        with _no_autocast(x):
-            return ops.forward(_as(xq, dtype), ctx.wq, _as(bias, dtype))
+        return out
 
     @staticmethod
     def backward(ctx, g):
         spec, ops, dtype = ctx.spec, ctx.ops, ctx.dtype
         saved = ctx.saved_tensors
-        xq = Codes(*saved, dtype).dequantize() if len(saved) == 3 else _as(saved[0], dtype)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = grad_w = grad_b = None
-        g_in, g_w = gradient_copies(g, spec, need_x, need_w or need_b)
+        need_b = need_b and ctx.b_dtype is not None
+        copies = GradientCopies(g, spec)
+        probe = ctx.probe
+        # slices of the batch for a large input (diagnostics record whole tensors: all at once)
+        parts = row_slices(g.shape[0], math.prod(ctx.x_shape)) if g.dim() > 1 and probe is None else [None]
+        grad_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=g.device) if need_x and len(parts) > 1 else None
+        grad_w = grad_b = None
         with _no_autocast(g):
-            if need_x:
-                grad_x = _as(ops.grad_input(_as(g_in, dtype), xq, ctx.wq), ctx.x_dtype)
-            if need_w:
-                grad_w = _as(ops.grad_weight(_as(g_w, dtype), xq, ctx.wq), ctx.w_dtype)
-            if need_b and ctx.b_dtype is not None:
-                grad_b = _as(ops.grad_bias(g_w), ctx.b_dtype)
-            probe = ctx.probe
-            if probe is not None:
-                if g_in is not None:
-                    _record(probe, "layer_grad", g, g_in)
-                if grad_w is not None:
-                    full = ops.grad_weight(_as(g, dtype), _as(probe["input"], dtype), ctx.wq)
-                    _record(probe, "weight_grad", full, grad_w)
+            for rows in parts:
+                xq = _saved_input(saved, dtype, rows)
+                # the weight-gradient copy first, then the input's: one copy alive at a time
+                if need_w or need_b:
+                    g_w = copies.weight(rows)
+                    if need_w:
+                        grad_w = _accumulate(grad_w, ops.grad_weight(_as(g_w, dtype), xq, ctx.wq))
+                    if need_b:
+                        grad_b = _accumulate(grad_b, ops.grad_bias(g_w))
+                    del g_w
+                if need_x:
+                    g_in = copies.input(rows)
+                    part = ops.grad_input(_as(g_in, dtype), xq, ctx.wq)
+                    if rows is None:
+                        grad_x = _as(part, ctx.x_dtype)
+                    else:
+                        grad_x[rows] = part
+                    if probe is not None:
+                        _record(probe, "layer_grad", g, g_in)
+                    del g_in
+            grad_w, grad_b = _as(grad_w, ctx.w_dtype), _as(grad_b, ctx.b_dtype)
+            if probe is not None and grad_w is not None:
+                full = ops.grad_weight(_as(g, dtype), _as(probe["input"], dtype), ctx.wq)
+                _record(probe, "weight_grad", full, grad_w)
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _saved_input(saved: tuple, dtype: torch.dtype, rows: Optional[slice]) -> Tensor:
+    """The layer's quantized input (of these rows), from its saved codes or the saved float input."""
+    if len(saved) == 3:
+        codes, lo, scale = saved
+        return Codes(codes if rows is None else codes[rows], lo, scale, dtype).dequantize()
+    return _as(saved[0] if rows is None else saved[0][rows], dtype)
+
+
+def _accumulate(total: Optional[Tensor], part: Tensor) -> Tensor:
+    """Sum the slices' weight (bias) gradients in float32 at least."""
+    if total is None:
+        return part.float() if part.dtype in (torch.float16, torch.bfloat16) else part
+    return total.add_(part)
 
 
 class QConv2d(ActivationRange, nn.Conv2d):
@@ -521,6 +614,13 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
 
 
+def _fused_range_bn_backward(ctx, g: Tensor) -> bool:
+    """Range BN's backward runs as two fused kernels for the paper's setting: 8-bit codes saved, the
+    output gradient rounded stochastically over its whole range, compiled kernels."""
+    return (ctx.has_codes and ctx.grad is not None and ctx.grad[1:] == ("stochastic", None)
+            and kernels.backend() == "compiled" and g.numel() > 0)
+
+
 class RangeBNFunction(torch.autograd.Function):
     """Training-mode Range BN: y = gamma * (x - mu) / s + beta, s = sqrt((range / E)^2 + eps).
 
@@ -578,18 +678,27 @@ class RangeBNFunction(torch.autograd.Function):
     def backward(ctx, g):
         saved = ctx.saved_tensors
         dtype = ctx.dtype
-        xq = Codes(*saved, dtype).dequantize() if ctx.has_codes else _as(saved[0], dtype)
         mean, s, sigma, divisor, extrema, n = ctx.stats
         weight, group = ctx.weight, ctx.group
         g = _as(g, dtype)
-        if ctx.grad is not None:
-            g = quantize_tensor(g, *ctx.grad)
-        C = xq.shape[1]
-        shape = (1, C) + (1,) * (xq.dim() - 2)
-        dims = [d for d in range(xq.dim()) if d != 1]
+        C = g.shape[1]
+        shape = (1, C) + (1,) * (g.dim() - 2)
+        fused = None
+        if _fused_range_bn_backward(ctx, g):
+            # two passes over g and the saved codes, no full-size temporary: Q(g) is hashed
+            # from one seed in both (q8.kernels), the input rebuilt from its codes in the first
+            g_lo, g_hi = torch.aminmax(g)
+            fused = (g, g_lo, g_hi, kernels.top(ctx.grad[0], g), rounding_seed(g, "stochastic"))
+            sum_g, sum_g_xq = kernels.get("range_bn_grad_sums")(*fused, *saved)
+        else:
+            xq = Codes(*saved, dtype).dequantize() if ctx.has_codes else _as(saved[0], dtype)
+            if ctx.grad is not None:
+                g = quantize_tensor(g, *ctx.grad)
+            dims = [d for d in range(g.dim()) if d != 1]
+            sum_g, sum_g_xq = g.sum(dims), (g * xq).sum(dims)
+            del xq
         # sums of g and g * y_hat without materializing y_hat = (x - mean) / s
-        sum_g = g.sum(dims)
-        sum_g_yhat = ((g * xq).sum(dims) - mean * sum_g) / s
+        sum_g_yhat = (sum_g_xq - mean * sum_g) / s
         grad_w = _as(sum_g_yhat, weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_b = _as(sum_g, weight.dtype if weight is not None else dtype) if ctx.has_bias and ctx.needs_input_grad[2] else None
         grad_x = None
@@ -600,7 +709,11 @@ class RangeBNFunction(torch.autograd.Function):
             # dL/ds = -sum(gy * y_hat) / s;  ds/d(range) = sigma / (divisor * s)
             d_range = -sums[1] / s * sigma / (divisor * s)
             # (gy - mean(gy)) / s - y_hat * ... : the range term replaces BN's variance term
-            grad_x = torch.addcmul((-sums[0] / (n * s)).view(shape), g, (w / s).view(shape))
+            a, b = w / s, -sums[0] / (n * s)
+            if fused is not None:
+                grad_x = kernels.get("range_bn_grad_input")(*fused, a, b)
+            else:
+                grad_x = torch.addcmul(b.view(shape), g, a.view(shape))
             grad_x = _as(extrema.add_grad(grad_x, d_range), ctx.x_dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 

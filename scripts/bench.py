@@ -4,10 +4,11 @@
     python -m scripts.bench --models resnet18_cifar --steps 5
 
 Step time: median of --steps timed steps after --warmup, all configurations in one process.
-Peak memory: a fresh subprocess per configuration; on CPU the peak RSS of two steps (VmHWM,
-reset before them) over the RSS before them, with glibc returning every tensor-sized block
+Peak memory: a fresh subprocess per configuration; one warm-up step (kernels compiled or loaded,
+optimizer state allocated: once per process, not per step), then on CPU the peak RSS of two steps
+(VmHWM, reset before them) over the RSS before them, with glibc returning every tensor-sized block
 when it is freed (MALLOC_MMAP_THRESHOLD_), so it measures live memory: activations saved for
-backward, gradients, optimizer state, temporaries. On CUDA torch.cuda.max_memory_allocated. The last line gives, for the first model,
+backward, gradients, temporaries. On CUDA torch.cuda.max_memory_allocated. The last line gives, for the first model,
 `int8/fp32=<x> int8/reference=<y> mem_int8/fp32=<z>`.
 """
 
@@ -178,6 +179,9 @@ def measure_memory(config, model_name, device) -> int:
     model = make(config, model_name, device)
     x, y = inputs(model_name, batch, device)
     step = step_fn(model, x, y)
+    # The first step compiles (or loads) q8's kernels and imports the compiler, and allocates the
+    # optimizer's state: a one-time cost of the process, not memory each step needs.
+    step()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -266,7 +270,8 @@ def main(argv=None) -> None:
             "(first-use compile: the warm-up steps' time spent compiling, 0 when inductor's on-disk cache had them)\n"
             f"- versions: python {platform.python_version()}, torch {torch.__version__}\n"
             f"- step time: median of {args.steps} steps after {args.warmup} warm-up steps, one process\n"
-            "- peak memory: a fresh process per configuration; peak RSS of two steps over the RSS before them, "
+            "- peak memory: a fresh process per configuration; after one warm-up step (kernels compiled or loaded, "
+            "optimizer state allocated), the peak RSS of two steps over the RSS before them, "
             "with glibc returning freed tensor memory (MALLOC_MMAP_THRESHOLD_=65536) (CPU), or "
             "max_memory_allocated (CUDA)\n"
             "- fp32: the model without q8; int8: q8's paper preset (8-bit W/A/G, 16-bit weight-gradient copy, "

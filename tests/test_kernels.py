@@ -142,3 +142,54 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(backend, monkey
     kernels._state["compiled"].clear()
     assert kernels.backend() == "eager" and "compiling the quantization kernels failed" in caplog.text
     assert torch.equal(q, quantize_tensor(x, 8, "nearest"))
+
+
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_fused_range_bn_backward_equals_the_op_by_op_one(backend, monkeypatch, chunks):
+    """Same rounding stream, same quantized gradient: the two fused passes (no full-size temporary)
+    give the op-by-op backward's input, scale and shift gradients up to summation order."""
+    backend("compiled")
+    torch.manual_seed(0)
+    bn = q8.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(6)), q8.QuantConfig.preset("int8", range_bn_chunks=chunks))[0]
+    x = (torch.randn(8, 6, 5, 7) * torch.linspace(0.2, 5, 6).view(1, -1, 1, 1)).requires_grad_()
+    g = torch.randn(8, 6, 5, 7)
+    grads = {}
+    for fused in (True, False):
+        monkeypatch.setattr(q8.layers, "_fused_range_bn_backward", lambda ctx, g, on=fused: on and ctx.has_codes)
+        q8.seed_rounding(5, 0, 0)
+        bn.zero_grad()
+        x.grad = None
+        bn(x).backward(g)
+        grads[fused] = (x.grad.clone(), bn.weight.grad.clone(), bn.bias.grad.clone())
+    q8.seed_rounding(None)
+    for a, b in zip(grads[True], grads[False]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    assert not torch.equal(grads[True][0], torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("name", ["eager", "compiled"])
+@pytest.mark.parametrize("spec", [LayerQuant(), LayerQuant(grad_weight_bits=8), LayerQuant(grad_range="sample"),
+                                  LayerQuant(grad_weight_bits=None)])
+def test_backward_over_slices_of_the_batch_equals_the_whole(backend, monkeypatch, name, spec):
+    """Output, input, weight and bias gradients of a conv and a linear layer computed over slices of
+    the batch (the streamed forward and backward of a large input) equal the all-at-once ones: the
+    same ranges, the same dither per element (hashed by index, or one eager draw), sums in another order."""
+    backend(name)
+    torch.manual_seed(0)
+    conv = q8.QConv2d(3, 5, 3, padding=1, stride=2, spec=spec)
+    lin = q8.QLinear(7, 4, spec=spec)
+    cases = [(conv, torch.randn(11, 3, 9, 9)), (lin, torch.randn(11, 6, 7))]
+    for layer, x in cases:
+        grads = {}
+        for limit in (1 << 30, 60):  # 60 elements: slices of 1 sample (conv) or 2 samples (linear)
+            monkeypatch.setattr(q8.layers, "BACKWARD_SLICE_ELEMENTS", limit)
+            xi = x.clone().requires_grad_()
+            layer.zero_grad()
+            q8.seed_rounding(1, 0, 0)
+            out = layer(xi)
+            out.backward(torch.linspace(-2, 3, out.numel()).view(out.shape) ** 3)
+            grads[limit] = (out.detach(), xi.grad, layer.weight.grad.clone(), layer.bias.grad.clone())
+        assert len(q8.layers.row_slices(11, x.numel())) > 1
+        for a, b in zip(grads[1 << 30], grads[60]):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (type(layer).__name__, (a - b).abs().max())
+    q8.seed_rounding(None)
