@@ -20,7 +20,7 @@ from torch.nn.utils import parametrize
 
 from .config import LayerQuant
 from . import kernels
-from .quantize import (Codes, channel_range, channel_sample_mean_range, fake_quantize, quantize, quantize_grad,
+from .quantize import (Codes, channel_range, fake_quantize, quantize, quantize_grad,
                        quantize_tensor, quantize_with_codes, rounding_seed, sample_mean_range, tensor_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
@@ -137,20 +137,31 @@ class ActivationRange(nn.Module):
         per_channel = self.range_channels() > 0
         if self.training:
             if batch_range is None:
-                batch_range = channel_sample_mean_range(x) if per_channel else sample_mean_range(x)
+                batch_range = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
             lo, hi = batch_range
             with torch.no_grad():
                 batch = torch.stack([lo, hi]).to(self.act_range.dtype)
                 run = self.act_range
                 run.copy_(torch.where(torch.isnan(run), batch, torch.lerp(run, batch, self.spec.act_momentum)))
         elif torch.isnan(self.act_range).any():  # never trained: the batch is all we know
-            lo, hi = channel_sample_mean_range(x) if per_channel else sample_mean_range(x)
+            lo, hi = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
         else:
             lo, hi = self.act_range[0], self.act_range[1]
         if per_channel:  # broadcast over [N, C, ...]
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return lo.view(shape), hi.view(shape)
         return lo, hi
+
+    def batch_range_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """One (lo, hi) for the whole input, by spec.act_estimator."""
+        return tensor_range(x) if self.spec.act_estimator == "batch" else sample_mean_range(x)
+
+    def batch_range(self, highs: Tensor, lows: Tensor) -> tuple[Tensor, Tensor]:
+        """(lo, hi) from each (sample, channel)'s max and min ([N, C]): per channel where
+        range_channels(), else one for the tensor; by spec.act_estimator."""
+        if self.spec.act_estimator == "batch":
+            return (lows.amin(0), highs.amax(0)) if self.range_channels() else (lows.amin(), highs.amax())
+        return (lows.mean(0), highs.mean(0)) if self.range_channels() else (lows.amin(1).mean(), highs.amax(1).mean())
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
@@ -779,8 +790,7 @@ class RangeBatchNorm2d(_QuantizedNorm):
         # quantizer's per-sample-mean range and (one chunk) Range BN's extremes.
         with torch.no_grad():
             highs, lows = sample_channel_extremes(x)
-        batch_range = (lows.mean(0), highs.mean(0)) if self.range_channels() else (lows.amin(1).mean(), highs.amax(1).mean())
-        lo, hi = self._act_bounds(x, batch_range)
+        lo, hi = self._act_bounds(x, self.batch_range(highs, lows))
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
         grad = (s.grad_bits, s.grad_rounding, s.grad_range_dim) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import itertools
+import json
 import shlex
 import subprocess
 import sys
@@ -25,11 +26,15 @@ IMAGENET = [f"imagenet_{m}_{v}" for m in ("resnet18", "resnet50") for v in ("fp3
 IMAGENET.append("imagenet_resnet50_rangebn")
 FMNIST = ["fmnist_fp32", "fmnist_int8", "fmnist_int8_no_bifurcation", "fmnist_int8_fp32_wgrad", "fmnist_int8_batchnorm",
           "fmnist_rangebn_fp32", "fmnist_int8_rangebn_paper", "fmnist_int8_rangebn_reference"]
-ARCH = [f"arch_mobilenet_v2_{v}" for v in ("fp32", "rangebn_fp32", "int8_chunks1", "int8_chunks16", "int8_batchnorm",
-                                             "int8_chunks16_float_act", "int8_chunks16_float_layer_grad",
-                                             "int8_chunks16_wchannel", "int8_channel_act", "int8_float_expansion_input",
-                                             "int8_float_projection_input", "int8_float_conv_input")]
-ARCH += [f"arch_resnet20_{v}" for v in ("fp32", "int8", "int8_channel_act")]
+# results/architectures.md: float32 vs the paper's int8 vs int8_batch_range per family, 3 seeds
+ARCH = [f"arch_{m}_{v}" for m in ("mobilenet_v2", "resnet20", "shufflenet_v2")
+        for v in ("fp32", "int8_chunks16" if m == "mobilenet_v2" else "int8", "int8_batch_range")]
+# the search that led there (MobileNetV2): one seed each, two where a row looked like a lead
+ARCH_SEARCH = [f"arch_mobilenet_v2_{v}" for v in ("rangebn_fp32", "int8_chunks1", "int8_batchnorm", "int8_chunks16_float_act",
+                                                    "int8_chunks16_float_layer_grad", "int8_chunks16_wchannel",
+                                                    "int8_channel_act", "int8_float_expansion_input",
+                                                    "int8_float_projection_input", "int8_float_conv_input")]
+ARCH_SEARCH += ["arch_resnet20_int8_channel_act"]
 CONVERGED = ["conv_fp32", "conv_int8"]  # the headline pair: 3 seeds (5 if their spread is above 0.2)
 CONVERGED_ABLATIONS = ["conv_int8_no_bifurcation", "conv_int8_fp32_wgrad", "conv_int8_batchnorm", "conv_rangebn_fp32",
                        "conv_int8_rangebn_paper", "conv_int8_rangebn_reference"]
@@ -42,8 +47,8 @@ WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
 GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
     "imagenet": [([f"experiment={','.join(IMAGENET)}"], [0, 1, 2])],
     "fmnist": [([f"experiment={','.join(FMNIST)}"], [0, 1, 2])],
-    # beyond ResNets (issue 11): every run of results/architectures.md; one seed so far
-    "arch": [([f"experiment={','.join(ARCH)}"], [0])],
+    # beyond ResNets (issue 11): every run of results/architectures.md
+    "arch": [([f"experiment={','.join(ARCH)}"], [0, 1, 2]), ([f"experiment={','.join(ARCH_SEARCH)}"], [0])],
     # the converged study (issue 12); seeds beyond these: --seeds 1 (each row then gets seed 1)
     "converged": [
         ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2]),
@@ -95,6 +100,20 @@ def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]
     return out
 
 
+def finished(cmd: list[str]) -> bool:
+    """True when the run's folder holds the summary of a run that ended (finished or diverged).
+    The folder is resolved from the job's own overrides (every experiment is named after its
+    file, tests/test_configs.py)."""
+    values = dict(c.split("=", 1) for c in cmd[2:] if "=" in c)
+    values.setdefault("name", values.get("experiment", ""))
+    folder = values["hydra.run.dir"]
+    for key, value in values.items():
+        folder = folder.replace("${" + key + "}", value)
+    if "${" in folder or not (Path(folder) / "summary.json").is_file():
+        return False
+    return json.loads((Path(folder) / "summary.json").read_text()).get("status") in ("finished", "diverged")
+
+
 def run_pool(runs: list[list[str]], n: int, log_dir: Path) -> int:
     """Run the commands n at a time; each one's output goes to <log_dir>/<k>.log. Returns failures."""
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +148,9 @@ def main(argv=None) -> int:
         if args.launcher != "basic":
             p.error("--jobs runs here; a cluster launcher has its own parallelism")
         runs = single_runs(args.grid, root, args.seeds, args.extra)
-        print(f"# {len(runs)} runs, {args.jobs} at a time:")
+        done = [c for c in runs if finished(c)]
+        runs = [c for c in runs if c not in done]
+        print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} finished already):")
         for cmd in runs:
             print("#   " + shlex.join(cmd[2:]), flush=True)
         return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root / "logs") else 0)

@@ -386,3 +386,31 @@ def test_layers_back_propagate_on_the_per_sample_grid():
 def test_unknown_gradient_range_names_the_field():
     with pytest.raises(ValueError, match="grad_range"):
         LayerQuant(grad_range="row")
+
+
+@pytest.mark.parametrize("make", [lambda spec: QConv2d(3, 4, 3, padding=1, spec=spec),
+                                  lambda spec: q8.RangeBatchNorm2d(3, spec=spec),
+                                  lambda spec: QConv2d(3, 3, 3, padding=1, groups=3, spec=spec)])
+def test_batch_activation_estimator_takes_min_and_max_without_clipping(make):
+    """act_estimator="batch": the batch's own min and max (per channel where act_range="channel"),
+    so an outlier sample is kept; the paper's per-sample mean clips it."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 6, 6)
+    x[3, 1, 2, 2] = 40.0
+    x[5, 0, 1, 1] = -25.0
+    for act_range in ("tensor", "channel"):
+        layer = make(LayerQuant(act_estimator="batch", act_range=act_range))
+        layer(x)
+        lo, hi = layer.act_range
+        if layer.range_channels():
+            assert torch.equal(lo, x.amin((0, 2, 3))) and torch.equal(hi, x.amax((0, 2, 3)))
+        else:
+            assert (float(lo), float(hi)) == (-25.0, 40.0)
+        paper = make(LayerQuant(act_range=act_range))
+        paper(x)
+        assert paper.act_range[1].max() < 40.0 / 4 and paper.act_range[0].min() > -25.0 / 4
+
+
+def test_unknown_activation_estimator_names_the_field():
+    with pytest.raises(ValueError, match="act_estimator"):
+        LayerQuant(act_estimator="percentile")
