@@ -136,15 +136,17 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", help="default: 0 1 2 (bits: 0)")
     p.add_argument("--launcher", default="basic", help="hydra/launcher option: basic, slurm, slurm_cpu, submitit_local")
     p.add_argument("--root", type=Path, help="default: runs/<grid>")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="with the basic launcher: this many single runs at a time, seed-major (logs in <root>/logs)")
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="run here as single runs, N at a time, seed-major, skipping ended runs (logs in <root>/logs)")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and commands, launch nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = p.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     args.extra = extra
     root = (args.root or ROOT / "runs" / args.grid).resolve()
-    if args.jobs > 1:
+    if args.jobs is not None:
+        if args.jobs < 1:
+            p.error("--jobs must be at least 1")
         if args.launcher != "basic":
             p.error("--jobs runs here; a cluster launcher has its own parallelism")
         runs = single_runs(args.grid, root, args.seeds, args.extra)
