@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         runs = single_runs(args.grid, root, args.seeds, args.extra)
         done = [c for c in runs if finished(c)]
         runs = [c for c in runs if c not in done]
-        print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} finished already):")
+        print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} ended already):")
         for cmd in runs:
             print("#   " + shlex.join(cmd[2:]), flush=True)
         return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root / "logs") else 0)

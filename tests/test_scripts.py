@@ -96,3 +96,18 @@ def test_claims_get_welch_intervals_and_a_verdict(tmp_path):
     assert make_tables.verdict("same", (0.0, -0.5, 0.2, "Welch"), (3, 3)).startswith("not resolved")
     assert make_tables.verdict("lower", (0.1, -0.2, 0.4, "Welch"), (3, 3)) == "resolved: no loss beyond 0.3"
     assert make_tables.difference_interval([92.0, 92.0], [91.0, 91.0]) is None  # no spread: nothing to go on
+
+
+def test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones(tmp_path, capsys):
+    for name, status in (("arch_mobilenet_v2_fp32", "finished"), ("arch_resnet20_int8", "diverged"), ("arch_resnet20_fp32", "running")):
+        (tmp_path / name / "seed0").mkdir(parents=True)
+        (tmp_path / name / "seed0" / "summary.json").write_text(json.dumps({"status": status}))
+    assert sweep.main(["arch", "--jobs", "2", "--dry-run", "--root", str(tmp_path)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#   ")]
+    total = 3 * len(sweep.ARCH) + len(sweep.ARCH_SEARCH)
+    assert len(lines) == total - 2  # the finished and the diverged run are skipped, the unfinished one is not
+    assert not any("arch_mobilenet_v2_fp32 seed=0" in line or "arch_resnet20_int8 seed=0" in line for line in lines)
+    assert "experiment=arch_resnet20_fp32 seed=0" in lines[2]  # grid order, every row's seed 0 first
+    assert "seed=1" in lines[len(sweep.ARCH) - 2] and "seed=0" in lines[-1]
+    bits = sweep.single_runs("converged", tmp_path, [0], [])
+    assert any(f"hydra.run.dir={tmp_path}/${{name}}/grad_bits${{quant.grad_bits}}/seed${{seed}}" in c for c in bits[-4])
