@@ -95,7 +95,8 @@ def layer_fidelity(
     shadow_cosine / shadow_sqnr_db: the quantized pass's tensor against the same tensor in a
     full-precision pass of the same model on the same batch (errors accumulated upstream).
     Kinds: weight, activation (layer input), layer_grad (the gradient copy that back-propagates),
-    weight_grad. The model's buffers, gradients and RNG state are left untouched.
+    weight_grad. Activation rows also give `clipped`: the share of the input outside the
+    quantizer's range. The model's buffers, gradients and RNG state are left untouched.
     """
     layers = quantized_layers(model)
     weights = [m.weight for _, m in layers]
@@ -131,6 +132,8 @@ def layer_fidelity(
             if kind == "weight_grad":
                 quant = dw_q[m.weight]
             row = dict(layer=name, kind=kind, numel=quant.numel(), cosine=cosine(full, quant), sqnr_db=sqnr_db(full, quant))
+            if kind == "activation" and "clipped" in probe:
+                row["clipped"] = probe["clipped"]
             ref = shadow_of[kind]
             if ref is not None:
                 row.update(shadow_cosine=cosine(ref, quant), shadow_sqnr_db=sqnr_db(ref, quant))
@@ -157,7 +160,7 @@ def summarize(rows: list[dict]) -> dict[str, dict[str, float]]:
         total = sum(r["numel"] for r in sel)
         out[kind] = {
             key: sum(r[key] * r["numel"] for r in sel) / total
-            for key in ("cosine", "shadow_cosine")
+            for key in ("cosine", "shadow_cosine", "clipped")
             if all(key in r for r in sel)
         }
     return out

@@ -296,6 +296,9 @@ class BifurcatedProduct(torch.autograd.Function):
         if probe is not None:
             _record(probe, "activation", x, xq)
             probe["input"] = x.detach()
+            # the share of inputs outside the quantizer's range, which it clips (their gradient
+            # still passes straight through)
+            probe["clipped"] = float(((x < act_lo) | (x > act_hi)).float().mean())
         return out
 
     @staticmethod

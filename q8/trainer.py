@@ -329,7 +329,7 @@ class Run:
             return
         for r in rows:
             base = f"quant/{r['layer']}/{r['kind']}"
-            for key in ("cosine", "sqnr_db", "shadow_cosine", "shadow_sqnr_db"):
+            for key in ("cosine", "sqnr_db", "shadow_cosine", "shadow_sqnr_db", "clipped"):
                 if key in r and math.isfinite(r[key]):
                     self.scalar(f"{base}/{key}", r[key])
         for kind, figures in summarize(rows).items():

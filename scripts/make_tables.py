@@ -312,23 +312,26 @@ def arch_table(runs: list[dict], source: str) -> str:
         "a 95% interval (Welch; pooled when one side has one seed).")
     lines += arch_families_table(groups)
     lines += ["", "![architectures.png](architectures.png)", "", "## Every run, with what it quantizes", ""]
-    columns = ["run", "model", "setting", "top-1", "activation cos", "layer-gradient cos", "weight-gradient cos", "run folders"]
+    columns = ["run", "model", "setting", "top-1", "activation cos", "layer-gradient cos", "weight-gradient cos",
+               "activations clipped (%)", "run folders"]
     lines += ["The rows above and the search that led to int8_batch_range. Shadow cosine: each tensor kind of the "
               "quantized pass against the same tensor in a full-precision pass of the same model and batch, "
-              "size-weighted over layers, at the last diagnostics step (1.0: float).", "",
+              "size-weighted over layers, at the last diagnostics step (1.0: float); activations clipped: the share of "
+              "the convolutions' inputs outside their quantizer's range there (runs since the figure was added).", "",
               "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for name in sorted(groups):
         rs = groups[name]
         c = rs[0]["config"]
         fid = [r.get("fidelity") or {} for r in rs]
 
-        def cos(kind: str) -> str:
-            v = [f[kind]["shadow_cosine"] for f in fid if kind in f and "shadow_cosine" in f[kind]]
+        def cos(kind: str, key: str = "shadow_cosine", scale: float = 1.0) -> str:
+            v = [f[kind][key] * scale for f in fid if kind in f and key in f[kind]]
             return f"{statistics.fmean(v):.3f}" if v else "-"
 
         model = f"{c['model']['name']} {c['model']['kwargs']}"
         lines.append(f"| `{name}` | {model} | {_setting(c)} | {stats([r['val_top1'] for r in rs])} | "
-                     f"{cos('activation')} | {cos('layer_grad')} | {cos('weight_grad')} | {folders(rs)} |")
+                     f"{cos('activation')} | {cos('layer_grad')} | {cos('weight_grad')} | "
+                     f"{cos('activation', 'clipped', 100)} | {folders(rs)} |")
     lines += ["", _provenance(runs), ""]
     return "\n".join(lines)
 

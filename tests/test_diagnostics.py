@@ -92,3 +92,24 @@ def test_collapse_depth_range_bn_scales_and_depth_figure():
     scales = range_bn_scales(model, torch.randn(16, 1, 16, 16))
     assert len(scales) == 21 and all(0.3 < r["sigma_ratio_mean"] < 3 for r in scales)
     assert all(torch.allclose(v.double(), before[k].double(), rtol=0, atol=0, equal_nan=True) for k, v in model.state_dict().items())
+
+
+def test_clipped_share_of_the_activation_quantizer():
+    """The paper's per-sample-mean range clips the values of samples wider than the mean one; the
+    batch's min/max clips nothing. layer_fidelity reports the share, summarize its size-weighted mean."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 2, 8, 8) * torch.logspace(-1, 1, 16).view(-1, 1, 1, 1)  # samples of different widths
+    y = torch.randint(0, 10, (16,))
+    expected = None
+    for estimator in ("sample_mean", "batch"):
+        conv = q8.QConv2d(2, 10, 8, spec=q8.LayerQuant(act_estimator=estimator))
+        model = torch.nn.Sequential(conv, torch.nn.Flatten())
+        rows = q8.layer_fidelity(model, x, y)
+        (row,) = [r for r in rows if r["kind"] == "activation"]
+        if estimator == "batch":
+            assert row["clipped"] == 0.0
+        else:
+            lo, hi = q8.sample_mean_range(x)
+            expected = float(((x < lo) | (x > hi)).float().mean())
+            assert row["clipped"] == pytest.approx(expected) and expected > 0.05
+            assert summarize(rows)["activation"]["clipped"] == pytest.approx(expected)
