@@ -205,6 +205,9 @@ class Run:
         self.best_top1 = -1.0
         self.last_val: dict = {}
         self.fidelity: dict = {}  # the last diagnostics' means per tensor kind
+        # every logged step's loss and gradient norm, and every diagnostics' means: how a run got
+        # where it ended (a divergence included), kept in summary.json
+        self.history: dict = {"train": [], "fidelity": []}
         self.wall_before = 0.0  # seconds spent by earlier (interrupted) sessions
         self.images = 0
         self.saved: Optional[tuple[Path, int]] = None  # the last finite checkpoint written: (path, step)
@@ -233,6 +236,7 @@ class Run:
             "best_top1": self.best_top1,
             "last_val": self.last_val,
             "fidelity": self.fidelity,
+            "history": self.history,
             "wall_time_s": self.wall_before + time.time() - self.t0,
             "images": self.images,
             "rng": checkpoint.rng_state(),
@@ -297,6 +301,7 @@ class Run:
         self.epoch, self.step, self.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
         self.epoch_sums, self.best_top1, self.last_val = state["epoch_sums"], state["best_top1"], state["last_val"]
         self.fidelity = state.get("fidelity", {})
+        self.history = state.get("history", {"train": [], "fidelity": []})
         self.wall_before, self.images = state["wall_time_s"], state["images"]
         checkpoint.set_rng_state(state["rng"])
         self.saved = (path, self.step)
@@ -325,6 +330,7 @@ class Run:
         with autocast(self.device, self.cfg.trainer.precision):
             rows = layer_fidelity(self.model, x, y)  # every rank runs it: synchronized norms need all
         self.fidelity = {"step": self.step, **summarize(rows)}
+        self.history["fidelity"].append(self.fidelity)
         if self.writer is None:
             return
         for r in rows:
@@ -402,6 +408,7 @@ class Run:
                 )
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
+            grad_norm = self._grad_norm() if (self.step + 1) % t.log_every == 0 else None
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.step += 1
@@ -415,6 +422,9 @@ class Run:
                 self.scalar("train/loss", loss.item())
                 self.scalar("train/top1", 100 * correct / len(y))
                 self.scalar("lr", self.optimizer.param_groups[0]["lr"])
+                if grad_norm is not None:
+                    self.scalar("train/grad_norm", grad_norm)
+                self.history["train"].append({"step": self.step, "loss": loss.item(), "grad_norm": grad_norm})
             bar.set_postfix(loss=f"{s[0] / s[2]:.3f}", top1=f"{100 * s[1] / s[2]:.1f}")
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save()
@@ -474,6 +484,7 @@ class Run:
             "wall_time_s": wall,
             "images_per_s": self.images / max(wall, 1e-9),
             "fidelity": self.fidelity,
+            "history": self.history,
             "coverage": self.coverage.as_dict(),
             "processes": self.world,
             "device": str(self.device),
@@ -492,12 +503,22 @@ class Run:
                  summary["val_top5"], summary["best_val_top1"], self.step, wall)
         return summary
 
+    def _grad_norm(self) -> Optional[float]:
+        """The 2-norm of all parameter gradients (unscaled under a gradient scaler); None if not finite."""
+        grads = [p.grad.detach().float() for p in self.model.parameters() if p.grad is not None]
+        if not grads:
+            return None
+        norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        if self.scaler.is_enabled():
+            norm /= self.scaler.get_scale()
+        return norm if math.isfinite(norm) else None
+
     def record_failure(self, err: Exception) -> None:
         """summary.json for a run that stopped on an error (status 'diverged')."""
         if self.rank == 0:
             summary = {"name": self.cfg.name, "status": "diverged", "error": str(err), "steps": self.step,
                        "val_top1": None, "val_top5": None, "wall_time_s": self.wall_before + time.time() - self.t0,
-                       "fidelity": self.fidelity, "config": self.config_dict}
+                       "fidelity": self.fidelity, "history": self.history, "config": self.config_dict}
             write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def _hparams(self, summary: dict) -> None:

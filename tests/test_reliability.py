@@ -108,6 +108,33 @@ def test_divergence_never_overwrites_the_last_good_checkpoint(fm, tmp_path, ever
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "diverged"
 
 
+def test_summary_keeps_the_history_of_loss_gradient_norm_and_diagnostics(fm, tmp_path, monkeypatch):
+    """Every logged step's loss and gradient 2-norm (the one the optimizer stepped with) and every
+    diagnostics' means are in summary.json, also across a resume and when the run diverges."""
+    seen = []
+    real_step = torch.optim.SGD.step
+
+    def recording(self, *a, **k):
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.cat([g.flatten() for g in grads]).norm()))
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", recording)
+    run_dir = tmp_path / "run"
+    trainer.train(config(fm, max_steps=4, diagnostics_every=2), run_dir)
+    trainer.train(config(fm, max_steps=6, diagnostics_every=2), run_dir)  # resumed
+    h = json.loads((run_dir / "summary.json").read_text())["history"]
+    assert [e["step"] for e in h["train"]] == [1, 2, 3, 4, 5, 6]
+    assert [e["grad_norm"] for e in h["train"]] == pytest.approx(seen, rel=1e-5)
+    assert [f["step"] for f in h["fidelity"]] == [0, 2, 4] and "activation" in h["fidelity"][0]
+    cfg = config(fm, max_steps=50)
+    cfg.optim.lr = 1e6
+    with pytest.raises(NonFiniteLossError):
+        trainer.train(cfg, tmp_path / "diverged")
+    summary = json.loads((tmp_path / "diverged" / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["history"]["train"]
+
+
 def test_non_finite_weights_are_caught_before_saving(fm, tmp_path, monkeypatch):
     """A finite loss with NaN weights (an overflowing update) must not reach last.pt."""
     run_dir = tmp_path / "run"
