@@ -55,6 +55,12 @@ def set_backend(name: str) -> None:
     _state["backend"] = None if name == "auto" else name
 
 
+def fused() -> bool:
+    """True when quantization runs as the fused kernels: the compiled backend, or any code that
+    torch.compile is tracing (a compiled model), where the kernels' code joins the model's graph."""
+    return torch.compiler.is_compiling() or backend() == "compiled"
+
+
 def compile_seconds() -> float:
     """Seconds this process spent compiling kernels at first use (0 when loaded from the cache)."""
     return _state["compile_s"]
@@ -175,7 +181,7 @@ def get(name: str) -> Callable:
     call runs the same code op by op (correct, only slower) instead of failing.
     """
     fn = KERNELS[name]
-    if backend() == "eager":
+    if torch.compiler.is_compiling() or backend() == "eager":  # a compiled model traces the code itself
         return fn
     compiled = _state["compiled"].get(name)
     if compiled is None:
@@ -185,6 +191,8 @@ def get(name: str) -> Callable:
 
 def top(bits: int, like: Tensor) -> Tensor:
     """2^b - 1 as a 0-d tensor on like's device (a kernel argument, so no recompile per bit-width)."""
+    if torch.compiler.is_compiling():  # a constant of the traced graph (no cache to fill)
+        return torch.tensor(float((1 << bits) - 1), device=like.device)
     key = (bits, like.device)
     cached = _tops.get(key)
     if cached is None:

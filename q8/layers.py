@@ -46,7 +46,7 @@ class GradientCopies:
         self.lo, self.hi = tensor_range(g) if dim is None else channel_range(g, dim)
         stochastic = spec.grad_rounding == "stochastic"
         bits = (spec.grad_bits, spec.grad_weight_bits)
-        self.fused = stochastic and dim is None and kernels.backend() == "compiled" and g.numel() > 0
+        self.fused = stochastic and dim is None and kernels.fused() and g.numel() > 0
         self.seed = rounding_seed(g, "stochastic") if self.fused else None
         self.noise = None
         if stochastic and not self.fused and bits != (None, None):
@@ -448,9 +448,10 @@ class ReLUFunction(torch.autograd.Function):
     def forward(ctx, x, inplace: bool):
         if inplace:
             ctx.mark_dirty(x)
-            out = x.clamp_min_(0)
-        else:
-            out = x.clamp_min(0)
+            x.clamp_min_(0)
+            ctx.save_for_backward(x > 0)
+            return x  # the very input object: torch.compile checks a dirty input is returned
+        out = x.clamp_min(0)
         ctx.save_for_backward(out > 0)
         return out
 
@@ -506,6 +507,7 @@ def chunk_sizes(n: int, chunks: int) -> tuple[int, int, int]:
     return k, n // k, n % k
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it while tracing and keeps the number
 def mean_expected_range(n: int, chunks: int, constant: str) -> float:
     """The divisor of the mean chunk range: the mean of the chunks' expected ranges."""
     k, m, r = chunk_sizes(n, chunks)
@@ -632,7 +634,7 @@ def _fused_range_bn_backward(ctx, g: Tensor) -> bool:
     """Range BN's backward runs as two fused kernels for the paper's setting: 8-bit codes saved, the
     output gradient rounded stochastically over its whole range, compiled kernels."""
     return (ctx.has_codes and ctx.grad is not None and ctx.grad[1:] == ("stochastic", None)
-            and kernels.backend() == "compiled" and g.numel() > 0)
+            and kernels.fused() and g.numel() > 0)
 
 
 class RangeBNFunction(torch.autograd.Function):
@@ -649,7 +651,8 @@ class RangeBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, chunks, constant,
-                act: Optional[tuple], grad: Optional[tuple], group, extremes: Optional[tuple] = None):
+                act: Optional[tuple], grad: Optional[tuple], group, extremes: Optional[tuple] = None,
+                divisor: Optional[float] = None):
         x_dtype, dtype = x.dtype, _stat_dtype(x)
         xf = _as(x, dtype)
         if act is not None:
@@ -669,7 +672,9 @@ class RangeBNFunction(torch.autograd.Function):
         n = n_local if group is None else int(sums[1, 0].item())
         extrema = _Extrema(xf, chunks, group, extremes)
         # one range per channel is taken over all n values (of every process); chunks are local
-        if extrema.chunks == 1:
+        if divisor is not None:
+            pass  # computed by the caller (no process group: n is the local count)
+        elif extrema.chunks == 1:
             divisor = mean_expected_range(n, 1, constant)
         else:
             divisor = mean_expected_range(n_local, chunks, constant)
@@ -729,7 +734,7 @@ class RangeBNFunction(torch.autograd.Function):
             else:
                 grad_x = torch.addcmul(b.view(shape), g, a.view(shape))
             grad_x = _as(extrema.add_grad(grad_x, d_range), ctx.x_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
 class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
@@ -797,8 +802,12 @@ class RangeBatchNorm2d(_QuantizedNorm):
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
         grad = (s.grad_bits, s.grad_rounding, s.grad_range_dim) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
+        # without a process group the divisor follows from the shape: computed here, where
+        # torch.compile takes it as a constant (assume_constant_result), not inside the Function
+        # (int(): under dynamic shapes, specialize on the count rather than break the graph)
+        divisor = mean_expected_range(int(x.numel() // x.shape[1]), self.chunks, self.constant) if group is None else None
         return RangeBNFunction.apply(x, self.weight, self.bias, self.running_mean, self.running_var, factor,
-                                     self.eps, self.chunks, self.constant, act, grad, group, (highs, lows))
+                                     self.eps, self.chunks, self.constant, act, grad, group, (highs, lows), divisor)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, chunks={self.chunks}, constant={self.constant}"

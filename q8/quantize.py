@@ -85,7 +85,7 @@ def channel_sample_mean_range(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def _fused() -> bool:
     """True when quantization runs as fused kernels (q8.kernels), not op by op."""
-    return kernels.backend() == "compiled"
+    return kernels.fused()
 
 
 # ---- codes ----------------------------------------------------------------------------------
@@ -106,7 +106,10 @@ class Codes:
 
 def _to_values(positions: Tensor, lo: Tensor, scale: Tensor) -> Tensor:
     # The one formula from grid positions to values, applied in place: forward and a backward
-    # that rebuilds the tensor from stored codes get bit-identical values.
+    # that rebuilds the tensor from stored codes get bit-identical values. (Under torch.compile,
+    # out of place: in place on a tensor that aliases a saved one cannot be traced.)
+    if torch.compiler.is_compiling():
+        return positions * scale + lo
     return positions.mul_(scale).add_(lo)
 
 
@@ -233,7 +236,22 @@ def rounding_seed(x: Tensor, rounding: str, generator: torch.Generator | None = 
     if rounding != "stochastic":
         check_rounding(rounding)
         return None
-    return kernels.draw_seed(x.device, generator if generator is not None else _streams.get(x.device))
+    if generator is not None:
+        return kernels.draw_seed(x.device, generator)
+    return torch.ops.q8.draw_seed(x)
+
+
+@torch.library.custom_op("q8::draw_seed", mutates_args=())
+def _draw_seed(like: Tensor) -> Tensor:
+    """A seed from the rounding stream of like's device: an op of its own, so torch.compile keeps
+    the draw (a generator advancing) in the graph as one opaque call instead of breaking the graph.
+    `like` (the tensor to be rounded) makes every call site's draw a distinct call."""
+    return kernels.draw_seed(like.device, _streams.get(like.device))
+
+
+@_draw_seed.register_fake
+def _(like: Tensor) -> Tensor:
+    return like.new_empty((), dtype=torch.int64)
 
 
 def _work_dtype(x: Tensor) -> torch.dtype:
