@@ -145,6 +145,15 @@ def k_stochastic_low_bits(x: Tensor, lo: Tensor, hi: Tensor, top: Tensor, seed: 
     return _values(k, lo, scale, x.dtype)
 
 
+def k_gradient_copies(g: Tensor, lo: Tensor, hi: Tensor, top_in: Tensor, top_w: Tensor, seed: Tensor) -> tuple[Tensor, Tensor]:
+    """Both copies of gradients bifurcation from one read of g: k_stochastic and k_stochastic_low_bits
+    with the same seed, in one loop (for a gradient small enough to hold both copies at once)."""
+    u = hash_uniform(seed, g)
+    k_in, s_in = _positions(g, lo, hi, top_in, u)
+    k_w, s_w = _positions(g, lo, hi, top_w, (u * 256).frac())
+    return _values(k_in, lo, s_in, g.dtype), _values(k_w, lo, s_w, g.dtype)
+
+
 def _channel_view(v: Tensor, like: Tensor) -> Tensor:
     return v.view((1, -1) + (1,) * (like.dim() - 2))
 
@@ -171,7 +180,7 @@ def k_range_bn_grad_input(g: Tensor, g_lo: Tensor, g_hi: Tensor, top: Tensor, se
 
 KERNELS: dict[str, Callable] = {f.__name__[2:]: f for f in (
     k_nearest, k_stochastic, k_nearest_own_range, k_stochastic_own_range, k_quantize_with_codes, k_stochastic_low_bits,
-    k_range_bn_grad_sums, k_range_bn_grad_input)}
+    k_gradient_copies, k_range_bn_grad_sums, k_range_bn_grad_input)}
 
 
 def get(name: str) -> Callable:

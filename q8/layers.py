@@ -63,6 +63,15 @@ class GradientCopies:
             return self._copy(self.spec.grad_bits, False, rows)
         return self._copy(self.spec.grad_weight_bits, True, rows)
 
+    def both(self) -> tuple[Tensor, Tensor]:
+        """(input copy, weight copy) of the whole of g at once: one read of g in the fused kernels,
+        where a gradient small enough to hold both copies saves the second pass."""
+        s = self.spec
+        if self.fused and s.bifurcated and None not in (s.grad_bits, s.grad_weight_bits):
+            return kernels.get("gradient_copies")(self.g.detach(), self.lo, self.hi, kernels.top(s.grad_bits, self.g),
+                                                  kernels.top(s.grad_weight_bits, self.g), self.seed)
+        return self.input(), self.weight()
+
     def _copy(self, bits: Optional[int], low_bits: bool, rows: Optional[slice]) -> Tensor:
         g = self.g if rows is None else self.g[rows]
         if bits is None:
@@ -313,19 +322,22 @@ class BifurcatedProduct(torch.autograd.Function):
         parts = row_slices(g.shape[0], math.prod(ctx.x_shape)) if g.dim() > 1 and probe is None else [None]
         grad_x = torch.empty(ctx.x_shape, dtype=ctx.x_dtype, device=g.device) if need_x and len(parts) > 1 else None
         grad_w = grad_b = None
+        # a gradient of one slice: both copies from one pass; of several: one copy of one slice at a time
+        both = copies.both() if len(parts) == 1 and need_x and (need_w or need_b) else None
         with _no_autocast(g):
             for rows in parts:
                 xq = _saved_input(saved, dtype, rows)
                 # the weight-gradient copy first, then the input's: one copy alive at a time
                 if need_w or need_b:
-                    g_w = copies.weight(rows)
+                    g_w = copies.weight(rows) if both is None else both[1]
                     if need_w:
                         grad_w = _accumulate(grad_w, ops.grad_weight(_as(g_w, dtype), xq, ctx.wq))
                     if need_b:
                         grad_b = _accumulate(grad_b, ops.grad_bias(g_w))
                     del g_w
                 if need_x:
-                    g_in = copies.input(rows)
+                    g_in = copies.input(rows) if both is None else both[0]
+                    both = None
                     part = ops.grad_input(_as(g_in, dtype), xq, ctx.wq)
                     if rows is None:
                         grad_x = _as(part, ctx.x_dtype)

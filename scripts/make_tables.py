@@ -298,8 +298,36 @@ def arch_families_table(groups: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def arch_table(runs: list[dict], source: str) -> str:
-    """The families table, then every arch_* run: the model, what it quantizes, top-1 (diverged
+def diagnostics_table(runs: list[dict]) -> list[str]:
+    """The diag_* runs' histories side by side: per diagnostics step, each run's training loss and
+    gradient norm (the nearest logged step), the share of conv inputs its activation quantizer
+    clips and the activations' shadow cosine."""
+    runs = sorted(runs, key=lambda r: r["name"])
+    if not runs:
+        return []
+    cols = []
+    for r in runs:
+        cols += [f"{r['name']} loss", "grad norm", "clipped (%)", "activation cos"]
+    lines = ["| step | " + " | ".join(cols) + " |", "|" + " --- |" * (len(cols) + 1)]
+    steps = sorted({f["step"] for r in runs for f in r.get("history", {}).get("fidelity", [])})
+    for step in steps:
+        cells = []
+        for r in runs:
+            h = r.get("history", {})
+            fid = next((f for f in h.get("fidelity", []) if f["step"] == step), None)
+            train = [t for t in h.get("train", []) if t["step"] <= max(step, 1)]
+            t = train[-1] if train else None
+            act = (fid or {}).get("activation", {})
+            cells += [f"{t['loss']:.3f}" if t else "-",
+                      f"{t['grad_norm']:.1f}" if t and t["grad_norm"] is not None else "-",
+                      f"{100 * act['clipped']:.2f}" if "clipped" in act else "-",
+                      f"{act['shadow_cosine']:.3f}" if "shadow_cosine" in act else "-"]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def arch_table(runs: list[dict], source: str, diagnostics: list[dict] = ()) -> str:
+    """The families table, the diagnostics of diag_* runs, then every arch_* run: the model, what it quantizes, top-1 (diverged
     runs counted), and the last diagnostics' size-weighted shadow cosine (the quantized pass
     against a full-precision pass)."""
     groups = by_name(runs)
@@ -311,7 +339,16 @@ def arch_table(runs: list[dict], source: str) -> str:
         "(docs/METHOD.md); the learning rate is the float32 recipe's for every row. Differences to float32 with "
         "a 95% interval (Welch; pooled when one side has one seed).")
     lines += arch_families_table(groups)
-    lines += ["", "![architectures.png](architectures.png)", "", "## Every run, with what it quantizes", ""]
+    lines += ["", "![architectures.png](architectures.png)", ""]
+    diag = diagnostics_table([r for r in diagnostics if r.get("history")])
+    if diag:
+        lines += ["## How the paper's int8 fails on MobileNetV2", "",
+                  "Seed 0 of both int8 rows again, with the loss and gradient norm logged every 5 steps and the "
+                  "diagnostics every 10 (`python scripts/sweep.py arch_diagnostics --jobs 2`; history in each run's "
+                  "summary.json). Clipped: the share of the convolutions' inputs outside their activation quantizer's "
+                  "range (size-weighted over layers); activation cos: the quantized pass's convolution inputs against "
+                  "a full-precision pass of the same model and batch.", ""] + diag + [""]
+    lines += ["## Every run, with what it quantizes", ""]
     columns = ["run", "model", "setting", "top-1", "activation cos", "layer-gradient cos", "weight-gradient cos",
                "activations clipped (%)", "run folders"]
     lines += ["The rows above and the search that led to int8_batch_range. Shadow cosine: each tensor kind of the "
@@ -528,7 +565,8 @@ def main(argv=None) -> None:
     (args.out / "converged.md").write_text(converged_table([r for r in runs if r["name"].startswith("conv_")], source))
     (args.out / "fmnist.md").write_text(fmnist_table([r for r in runs if r["name"].startswith("fmnist_")], source))
     (args.out / "bits.md").write_text(bits_table(runs, source))
-    (args.out / "architectures.md").write_text(arch_table([r for r in runs if r["name"].startswith("arch_")], source))
+    (args.out / "architectures.md").write_text(arch_table([r for r in runs if r["name"].startswith("arch_")], source,
+                                                          [r for r in runs if r["name"].startswith("diag_")]))
     if not args.no_plots:
         arch_plot([r for r in runs if r["name"].startswith("arch_")], args.out)
     if not args.no_plots:

@@ -56,6 +56,12 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
         (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),
     ],
+    # how the paper's int8 fails on MobileNetV2 and int8_batch_range does not: loss and gradient norm
+    # every 5 steps, the diagnostics (clipped share, shadow cosines) every 10, in summary.json's history
+    "arch_diagnostics": [
+        ([f"experiment=arch_mobilenet_v2_{row}", f"name=diag_mobilenet_v2_{row}", "trainer.log_every=5",
+          "trainer.diagnostics_every=10"], [0]) for row in ("int8_chunks16", "int8_batch_range")
+    ],
     "bits": [
         (["experiment=fmnist_int8", "name=bits_grad", f"quant.grad_bits={','.join(map(str, GRAD_BITS))}"], [0]),
         (["experiment=fmnist_int8", "name=bits_weight", f"quant.weight_bits={','.join(map(str, WEIGHT_ACT_BITS))}"], [0]),

@@ -21,6 +21,8 @@ ELSEWHERE = {
     "python scripts/sweep.py imagenet --launcher slurm -- hydra.launcher.partition=gpu": "tests/test_slurm.py::test_two_job_sweep_lands_where_the_tables_look",
     "python scripts/make_tables.py": "tests/test_scripts.py::test_tables_are_byte_identical_on_rerun_and_show_mean_std_n",
     "python scripts/sweep.py fmnist": "tests/test_scripts.py::test_sweep_dry_run_lists_every_job_without_launching",
+    "python scripts/sweep.py converged": "tests/test_scripts.py::test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones",
+    "python scripts/sweep.py arch": "tests/test_scripts.py::test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones",
 }
 
 
