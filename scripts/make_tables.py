@@ -424,14 +424,9 @@ def bound(bits: int, n: int) -> float:
     return 2**bits / (2**bits + math.sqrt(math.log(n)) / math.sqrt(6))
 
 
-def arch_plot(runs: list[dict], out: Path) -> None:
+def arch_plot(runs: list[dict], out: Path, plt, meta: dict) -> None:
     """Grouped points per family: float32, the paper's int8, int8_batch_range; mean and sample std,
     every seed drawn; a diverged run drawn at 10 (chance)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     groups = by_name(runs)
     if not any(groups.get(n) for _, *names in ARCH_FAMILIES for n in names):
         return
@@ -452,7 +447,7 @@ def arch_plot(runs: list[dict], out: Path) -> None:
     ax.set_title("Fashion-MNIST, 2 epochs on 8k images, float32 recipe's learning rate")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "architectures.png", dpi=100, metadata={"Software": None})
+    fig.savefig(out / "architectures.png", dpi=100, metadata=meta)
     plt.close(fig)
 
 
@@ -508,6 +503,7 @@ def plots(runs: list[dict], out: Path) -> None:
 
     meta = {"Software": None}  # no version stamp: same runs, same file
     converged_plot([r for r in runs if r["name"].startswith("conv_")], out, plt, meta)
+    arch_plot([r for r in runs if r["name"].startswith("arch_")], out, plt, meta)
     groups = by_name(runs)
     present = [(n, lab) for n, lab in FMNIST_ROWS if groups.get(n)]
     if present:
@@ -567,8 +563,6 @@ def main(argv=None) -> None:
     (args.out / "bits.md").write_text(bits_table(runs, source))
     (args.out / "architectures.md").write_text(arch_table([r for r in runs if r["name"].startswith("arch_")], source,
                                                           [r for r in runs if r["name"].startswith("diag_")]))
-    if not args.no_plots:
-        arch_plot([r for r in runs if r["name"].startswith("arch_")], args.out)
     if not args.no_plots:
         plots(runs, args.out)
     if args.readme:
