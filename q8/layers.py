@@ -43,9 +43,11 @@ class GradientCopies:
         self.g, self.spec = g, spec
         dim = spec.grad_range_dim if g.dim() >= 2 else None
         self.per_row = dim == 0  # one range per sample: a slice of rows takes its own
-        self.lo, self.hi = tensor_range(g) if dim is None else channel_range(g, dim)
         stochastic = spec.grad_rounding == "stochastic"
         bits = (spec.grad_bits, spec.grad_weight_bits)
+        self.lo = self.hi = None  # no copy quantized (float layer gradients): no range to measure
+        if bits != (None, None):
+            self.lo, self.hi = tensor_range(g) if dim is None else channel_range(g, dim)
         self.fused = stochastic and dim is None and kernels.fused() and g.numel() > 0
         self.seed = rounding_seed(g, "stochastic") if self.fused else None
         self.noise = None
