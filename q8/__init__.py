@@ -4,12 +4,13 @@ from .config import PRESETS, LayerQuant, QuantConfig
 from .convert import Coverage, convert, coverage, float_state_dict, unconvert
 from .diagnostics import cosine, cosine_bound, layer_fidelity, sqnr_db
 from .layers import QBatchNorm2d, QConv2d, QLinear, RangeBatchNorm2d, expected_range
-from .quantize import (Codes, channel_range, encode, quantize, quantize_grad, rounding_state, sample_mean_range,
-                       seed_rounding, set_rounding_state, tensor_range)
+from .quantize import (Codes, SampleRotation, channel_range, encode, quantize, quantize_grad, quantize_gradient,
+                       rounding_state, sample_mean_range, seed_rounding, set_rounding_state, tensor_range)
 
 __all__ = [
     "PRESETS", "LayerQuant", "QuantConfig", "Coverage", "convert", "coverage", "float_state_dict", "unconvert", "cosine", "cosine_bound", "layer_fidelity", "sqnr_db",
     "QBatchNorm2d", "QConv2d", "QLinear", "RangeBatchNorm2d", "expected_range",
-    "Codes", "channel_range", "encode", "quantize", "quantize_grad", "rounding_state", "sample_mean_range",
+    "Codes", "SampleRotation", "channel_range", "encode", "quantize", "quantize_grad", "quantize_gradient",
+    "rounding_state", "sample_mean_range",
     "seed_rounding", "set_rounding_state", "tensor_range",
 ]

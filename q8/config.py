@@ -7,14 +7,12 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from .quantize import ROUNDINGS, check_bits
+from .quantize import GRAD_RANGE_DIMS, ROUNDINGS, check_bits
 
 WEIGHT_RANGES = ("tensor", "channel")
 # the activation range a training batch gives: the mean over samples of each sample's min and max
 # (the paper's; clips the most extreme samples), or the min and max of the whole batch (no clipping)
 ACT_ESTIMATORS = ("sample_mean", "batch")
-# range of each layer-gradient quantization: the whole tensor (the paper), per sample (dim 0), per channel (dim 1)
-GRAD_RANGE_DIMS = {"tensor": None, "sample": 0, "channel": 1}
 NORMS = ("batch", "range")
 RANGE_BN_CONSTANTS = ("paper", "reference", "exact")
 FLOAT = "float"  # an override value meaning: this layer stays in float32
@@ -46,7 +44,9 @@ class LayerQuant:
     weight_range: str = "tensor"  # "tensor": min/max of the tensor; "channel": per output channel
     act_range: str = "tensor"  # "tensor": the paper's; "channel": per channel where the layer keeps channels apart
     act_estimator: str = "sample_mean"  # "sample_mean": the paper's; "batch": the batch's min and max, no clipping
-    grad_range: str = "tensor"  # "tensor": the paper's min/max of the whole gradient; "sample" | "channel": one each
+    # layer gradients: "tensor": the paper's min/max of the whole gradient; "sample" | "channel": one
+    # range each; "hadamard": one per sample after a randomized Hadamard rotation (SampleRotation)
+    grad_range: str = "tensor"
     act_momentum: float = 0.1  # running activation range: new = (1 - m) * old + m * batch
 
     def __post_init__(self) -> None:
@@ -71,11 +71,6 @@ class LayerQuant:
     def is_float(self) -> bool:
         """True when nothing in this layer is quantized."""
         return all(b is None for b in (self.weight_bits, self.act_bits, self.grad_bits, self.grad_weight_bits))
-
-    @property
-    def grad_range_dim(self) -> Optional[int]:
-        """The dimension with one gradient range per index (None: one for the whole tensor)."""
-        return GRAD_RANGE_DIMS[self.grad_range]
 
     @property
     def bifurcated(self) -> bool:

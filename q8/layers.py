@@ -20,8 +20,9 @@ from torch.nn.utils import parametrize
 
 from .config import LayerQuant
 from . import kernels
-from .quantize import (Codes, channel_range, fake_quantize, quantize, quantize_grad,
-                       quantize_tensor, quantize_with_codes, rounding_seed, sample_mean_range, tensor_range, uniform_noise)
+from .quantize import (GRAD_RANGE_DIMS, Codes, SampleRotation, channel_range, fake_quantize, quantize, quantize_grad,
+                       quantize_gradient, quantize_tensor, quantize_with_codes, rounding_seed, sample_mean_range,
+                       tensor_range, uniform_noise)
 
 FLOAT_SPEC = LayerQuant(weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None)
 
@@ -41,13 +42,16 @@ class GradientCopies:
 
     def __init__(self, g: Tensor, spec: LayerQuant):
         self.g, self.spec = g, spec
-        dim = spec.grad_range_dim if g.dim() >= 2 else None
+        dim = GRAD_RANGE_DIMS[spec.grad_range] if g.dim() >= 2 else None
         self.per_row = dim == 0  # one range per sample: a slice of rows takes its own
         stochastic = spec.grad_rounding == "stochastic"
         bits = (spec.grad_bits, spec.grad_weight_bits)
+        # grad_range="hadamard": the copies round g rotated (each sample on its own), then rotate back
+        self.rotation = SampleRotation(g) if spec.grad_range == "hadamard" and dim is not None and bits != (None, None) else None
+        self.rotated = self.rotation.apply(g) if self.rotation else g
         self.lo = self.hi = None  # no copy quantized (float layer gradients): no range to measure
         if bits != (None, None):
-            self.lo, self.hi = tensor_range(g) if dim is None else channel_range(g, dim)
+            self.lo, self.hi = tensor_range(g) if dim is None else channel_range(self.rotated, dim)
         self.fused = stochastic and dim is None and kernels.fused() and g.numel() > 0
         self.seed = rounding_seed(g, "stochastic") if self.fused else None
         self.noise = None
@@ -75,9 +79,9 @@ class GradientCopies:
         return self.input(), self.weight()
 
     def _copy(self, bits: Optional[int], low_bits: bool, rows: Optional[slice]) -> Tensor:
-        g = self.g if rows is None else self.g[rows]
         if bits is None:
-            return g
+            return self.g if rows is None else self.g[rows]
+        g = self.rotated if rows is None else self.rotated[rows]
         lo, hi = (self.lo[rows], self.hi[rows]) if self.per_row and rows is not None else (self.lo, self.hi)
         if self.fused:
             offset = None
@@ -88,7 +92,8 @@ class GradientCopies:
         noise = self.noise if self.noise is None or rows is None else self.noise[rows]
         if noise is not None and low_bits:
             noise = (noise * 256).frac_()
-        return fake_quantize(g, bits, lo, hi, self.spec.grad_rounding, noise=noise)
+        copy = fake_quantize(g, bits, lo, hi, self.spec.grad_rounding, noise=noise)
+        return copy if self.rotation is None else self.rotation.undo(copy, self.g.dtype)
 
 
 # The backward of a quantized layer runs over slices of its batch when its input holds more than
@@ -647,7 +652,7 @@ def _stat_dtype(x: Tensor) -> torch.dtype:
 def _fused_range_bn_backward(ctx, g: Tensor) -> bool:
     """Range BN's backward runs as two fused kernels for the paper's setting: 8-bit codes saved, the
     output gradient rounded stochastically over its whole range, compiled kernels."""
-    return (ctx.has_codes and ctx.grad is not None and ctx.grad[1:] == ("stochastic", None)
+    return (ctx.has_codes and ctx.grad is not None and ctx.grad[1:] == ("stochastic", "tensor")
             and kernels.fused() and g.numel() > 0)
 
 
@@ -726,7 +731,7 @@ class RangeBNFunction(torch.autograd.Function):
         else:
             xq = Codes(*saved, dtype).dequantize() if ctx.has_codes else _as(saved[0], dtype)
             if ctx.grad is not None:
-                g = quantize_tensor(g, *ctx.grad)
+                g = quantize_gradient(g, *ctx.grad)
             dims = [d for d in range(g.dim()) if d != 1]
             sum_g, sum_g_xq = g.sum(dims), (g * xq).sum(dims)
             del xq
@@ -772,7 +777,7 @@ class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
         y = F.batch_norm(_as(x, _stat_dtype(x)), self.running_mean, self.running_var, self.weight, self.bias,
                          False, 0.0, self.eps)
-        return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding, s.grad_range_dim)
+        return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding, s.grad_range)
 
     @classmethod
     def from_float(cls, mod: nn.BatchNorm2d, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
@@ -814,7 +819,7 @@ class RangeBatchNorm2d(_QuantizedNorm):
             highs, lows = sample_channel_extremes(x)
         lo, hi = self._act_bounds(x, self.batch_range(highs, lows))
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
-        grad = (s.grad_bits, s.grad_rounding, s.grad_range_dim) if s.grad_bits is not None else None
+        grad = (s.grad_bits, s.grad_rounding, s.grad_range) if s.grad_bits is not None else None
         group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
         # without a process group the divisor follows from the shape: computed here, where
         # torch.compile takes it as a constant (assume_constant_result), not inside the Function
@@ -841,5 +846,5 @@ class QBatchNorm2d(_QuantizedNorm):
         lo, hi = self._act_bounds(x)
         if s.act_bits is not None:
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
-        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding, s.grad_range_dim)
+        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding, s.grad_range)
 

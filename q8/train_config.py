@@ -46,7 +46,7 @@ class QuantSettings:
     weight_range: str = "tensor"
     act_range: str = "tensor"  # tensor (the paper) | channel (depthwise convolutions and norms: per channel)
     act_estimator: str = "sample_mean"  # sample_mean (the paper: mean of per-sample min/max) | batch (min/max)
-    grad_range: str = "tensor"  # layer gradients: tensor (the paper) | sample | channel
+    grad_range: str = "tensor"  # layer gradients: tensor (the paper) | sample | channel | hadamard
     act_momentum: float = 0.1
     overrides: Dict[str, Any] = field(default_factory=dict)  # pattern -> "float" or {field: value}
 

@@ -55,6 +55,7 @@ CONVERGED_ROWS = [
     ("conv_bits_grad/grad_bits6", "int8 with 6-bit layer gradients (per-tensor range: the paper's)"),
     ("conv_grad_range/grad_rangesample", "int8 with 6-bit layer gradients, one range per sample"),
     ("conv_grad_range/grad_rangechannel", "int8 with 6-bit layer gradients, one range per channel"),
+    ("conv_grad_range/grad_rangehadamard", "int8 with 6-bit layer gradients, Hadamard-rotated, one range per sample"),
 ]
 MARGIN = 0.3  # top-1 points: "as good as" means the 95% interval of the difference lies within +-MARGIN
 # (claim, row, baseline, kind): "same" = the paper says no loss; "lower" = the paper says the row loses
@@ -71,6 +72,7 @@ CLAIMS = [
     ("layer gradients: 4 bits lose accuracy against 8", "bits_grad/grad_bits4", "int8", "lower"),
     ("6-bit layer gradients with one range per sample match 8 bits", "grad_range/grad_rangesample", "int8", "same"),
     ("6-bit layer gradients with one range per channel match 8 bits", "grad_range/grad_rangechannel", "int8", "same"),
+    ("6-bit Hadamard-rotated layer gradients match 8 bits", "grad_range/grad_rangehadamard", "int8", "same"),
 ]
 KINDS = [("activation", "forward: activations"), ("weight", "forward: weights"),
          ("layer_grad", "backward: layer gradients"), ("weight_grad", "backward: weight gradients")]
@@ -478,7 +480,8 @@ def converged_plot(runs: list[dict], out: Path, plt, meta: dict) -> None:
     a1.set_title("converged Fashion-MNIST, ResNet-20")
     base = top1s(groups.get("conv_int8", []))
     curves = [("per tensor (the paper)", [(4, "conv_bits_grad/grad_bits4"), (6, "conv_bits_grad/grad_bits6"), (8, "conv_int8")]),
-              ("per sample", [(6, "conv_grad_range/grad_rangesample")]), ("per channel", [(6, "conv_grad_range/grad_rangechannel")])]
+              ("per sample", [(6, "conv_grad_range/grad_rangesample")]), ("per channel", [(6, "conv_grad_range/grad_rangechannel")]),
+              ("rotated, per sample", [(6, "conv_grad_range/grad_rangehadamard")])]
     for label, pts in curves:
         pts = [(b, mean_interval(top1s(groups[k]))) for b, k in pts if top1s(groups.get(k, []))]
         if pts:

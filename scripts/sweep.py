@@ -39,7 +39,7 @@ CONVERGED = ["conv_fp32", "conv_int8"]  # the headline pair: 5 seeds (3 were pla
 CONVERGED_ABLATIONS = ["conv_int8_no_bifurcation", "conv_int8_fp32_wgrad", "conv_int8_batchnorm", "conv_rangebn_fp32",
                        "conv_int8_rangebn_paper", "conv_int8_rangebn_reference"]
 CONVERGED_GRAD_BITS = [4, 6]  # 8 is the conv_int8 row itself
-GRAD_RANGES = ["sample", "channel"]  # at 6 gradient bits; "tensor" (the paper's) is the conv_bits_grad 6-bit row
+GRAD_RANGES = ["sample", "channel", "hadamard"]  # at 6 gradient bits; "tensor" (the paper's) is the conv_bits_grad 6-bit row
 GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
 WEIGHT_ACT_BITS = [2, 4]  # 8 is the fmnist_int8 row itself
 

@@ -169,7 +169,7 @@ def test_fused_range_bn_backward_equals_the_op_by_op_one(backend, monkeypatch, c
 
 @pytest.mark.parametrize("name", ["eager", "compiled"])
 @pytest.mark.parametrize("spec", [LayerQuant(), LayerQuant(grad_weight_bits=8), LayerQuant(grad_range="sample"),
-                                  LayerQuant(grad_weight_bits=None)])
+                                  LayerQuant(grad_range="hadamard"), LayerQuant(grad_weight_bits=None)])
 def test_backward_over_slices_of_the_batch_equals_the_whole(backend, monkeypatch, name, spec):
     """Output, input, weight and bias gradients of a conv and a linear layer computed over slices of
     the batch (the streamed forward and backward of a large input) equal the all-at-once ones: the

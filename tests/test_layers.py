@@ -365,6 +365,74 @@ def test_gradient_range_per_sample_or_channel_keeps_small_slices(grad_range, dim
     assert F.cosine_similarity(paper.select(dim, 1).flatten(), small.flatten(), dim=0) < 0.5
 
 
+def test_sample_rotation_is_orthogonal_and_spreads_a_spike():
+    """SampleRotation is a signed Hadamard matrix over blocks of each sample (the largest power of two
+    dividing its size, at most HADAMARD_BLOCK): undone it gives x back, it keeps every sample's norm,
+    and a lone spike becomes +-1/sqrt(block) over its block."""
+    torch.manual_seed(0)
+    for shape, block in (((4, 3, 5, 4), 4), ((3, 256), 64), ((5, 7), 1), ((2, 16, 28, 28), 64), ((6,), 1)):
+        x = torch.randn(shape, dtype=torch.float64)
+        r = q8.SampleRotation(x)
+        assert r.block == block
+        y = r.apply(x)
+        assert torch.allclose(r.undo(y, x.dtype), x, atol=1e-12)
+        assert torch.allclose(y.reshape(shape[0], -1).norm(dim=1), x.reshape(shape[0], -1).norm(dim=1))
+        spike = torch.zeros(shape, dtype=torch.float64)
+        spike.view(shape[0], -1)[:, 0] = 1
+        rows = r.apply(spike).reshape(shape[0], -1)
+        assert torch.allclose(rows[:, :block].abs(), torch.full((shape[0], block), block ** -0.5, dtype=torch.float64))
+        assert (rows[:, block:] == 0).all()
+    half = torch.randn(4, 64, dtype=torch.bfloat16)
+    r = q8.SampleRotation(half)
+    assert r.apply(half).dtype == torch.float32 and r.undo(r.apply(half), half.dtype).dtype == torch.bfloat16
+
+
+def test_hadamard_gradient_range_is_unbiased_and_shrinks_heavy_tails():
+    """grad_range="hadamard": each copy is R^T Q(R g) with R a fresh SampleRotation and Q one range per
+    sample: unbiased, its error per sample at most sqrt(size) steps of that sample's rotated range
+    (R keeps norms), and on a heavy-tailed gradient (a spike A per sample among Gaussian values: its
+    rotated range is about 2A/8, not A) far smaller than one range per sample of g itself."""
+    torch.manual_seed(0)
+    g = torch.randn(8, 4, 8, 8, dtype=torch.float64)
+    rows = g.view(8, -1)
+    for i in range(8):
+        rows[i, torch.randint(256, ())] = 100.0 * (i + 1)
+    spec = LayerQuant(grad_bits=4, grad_weight_bits=12, grad_range="hadamard")
+    draws, mean, err = 2000, torch.zeros_like(g), {}
+    for _ in range(draws):
+        q8.seed_rounding(None)
+        copies = q8.layers.GradientCopies(g, spec)
+        g_in, g_w = copies.input(), copies.weight()
+        step = (copies.hi - copies.lo).view(8) / 15
+        assert ((g_in - g).view(8, -1).norm(dim=1) <= step * 256 ** 0.5 * (1 + 1e-9)).all()
+        assert (g_w - g).abs().max() < (g_in - g).abs().max()  # the 12-bit copy is finer
+        mean += g_in / draws
+        err["hadamard"] = err.get("hadamard", 0) + ((g_in - g) ** 2).mean() / draws
+    assert (mean - g).abs().max() < 4 * (step.max() * 256 ** 0.5 / 2) / draws ** 0.5
+    per_sample = LayerQuant(grad_bits=4, grad_weight_bits=12, grad_range="sample")
+    err["sample"] = sum(((q8.layers.gradient_copies(g, per_sample)[0] - g) ** 2).mean() for _ in range(200)) / 200
+    assert err["hadamard"] < err["sample"] / 4, err
+
+
+def test_hadamard_gradient_range_reaches_every_quantized_gradient():
+    """The layers whose output gradient is quantized by a hook or inside their Function (Range BN,
+    standard BN at 8 bit) use the rotated estimator too: over draws their input gradient averages
+    to the one of an unquantized output gradient; one draw is not it."""
+    torch.manual_seed(0)
+    x, g = torch.randn(16, 4, 4, 4, dtype=torch.float64), torch.randn(16, 4, 4, 4, dtype=torch.float64)
+    for make in (q8.RangeBatchNorm2d, q8.QBatchNorm2d):
+        grads = {}
+        for bits in (None, 4):
+            norm = make(4, spec=LayerQuant(act_bits=None, grad_bits=bits, grad_range="hadamard")).double()
+            draws = [torch.autograd.grad(norm(x.requires_grad_()), x, g)[0] for _ in range(1 if bits is None else 400)]
+            grads[bits] = (draws[0], sum(draws) / len(draws))
+        reference, scale = grads[None][0], grads[None][0].abs().max()
+        assert (grads[4][0] - reference).abs().max() > 0.05 * scale  # one 4-bit draw
+        assert (grads[4][1] - reference).abs().max() < 0.02 * scale, make.__name__  # their mean
+    with pytest.raises(ValueError, match="grad_range"):
+        q8.quantize_grad(torch.ones(2, requires_grad=True), 8, grad_range="rotated")
+
+
 def test_layers_back_propagate_on_the_per_sample_grid():
     """QLinear's input gradient is g_in W with g_in on each sample's own 2-bit grid; a 1-d gradient
     (no sample dimension) falls back to the tensor's range."""
