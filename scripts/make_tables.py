@@ -386,8 +386,19 @@ def _provenance(runs: list[dict]) -> str:
         f"{c['trainer']['epochs']} epochs, schedule {c['schedule']['name']} (warm-up {c['schedule']['warmup_epochs']} epoch), "
         f"SGD lr {c['optim']['lr']} momentum {c['optim']['momentum']} weight decay {c['optim']['weight_decay']}. "
         f"Machine: {r['machine']['processor'] or r['machine']['platform']}, {r['threads']} thread(s) per run; "
-        f"torch {r['versions']['torch']}; commit {str(r.get('git_commit'))[:10]}."
+        f"torch {r['versions']['torch']}; {_commits(runs)}."
     )
+
+
+def _commits(runs: list[dict]) -> str:
+    """The code the runs ran: one commit, or each commit with the runs that used it."""
+    by_commit = defaultdict(list)
+    for r in runs:
+        by_commit[str(r["git_commit"])[:10] if r.get("git_commit") else "not recorded"].append(r)
+    if len(by_commit) == 1:
+        return f"commit {next(iter(by_commit))}"
+    return "commits " + ", ".join(f"{c} ({len(rs)} run{'s' * (len(rs) > 1)}: {', '.join(sorted({row_key(r) for r in rs}))})"
+                                  for c, rs in sorted(by_commit.items(), key=lambda kv: -len(kv[1])))
 
 
 def bits_rows(runs: list[dict], name: str, key: str) -> list[tuple[int, list[dict]]]:

@@ -111,3 +111,16 @@ def test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones(tmp_path, 
     assert "seed=1" in lines[len(sweep.ARCH) - 2] and "seed=0" in lines[-1]
     bits = sweep.single_runs("converged", tmp_path, [0], [])
     assert any(f"hydra.run.dir={tmp_path}/${{name}}/grad_bits${{quant.grad_bits}}/seed${{seed}}" in c for c in bits[-4])
+
+
+def test_provenance_names_each_commit_and_its_rows(tmp_path):
+    """Runs made by different code say so: each commit with the rows it ran, not the first run's only."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "conv_fp32", 0, 92.0)
+    fake_run(runs, "conv_int8", 0, 91.9)
+    fake_run(runs, "conv_grad_range", 0, 91.0, sub="grad_rangehadamard", grad_range="hadamard")
+    summary = runs / "conv_grad_range" / "grad_rangehadamard" / "seed0" / "summary.json"
+    summary.write_text(summary.read_text().replace('"git_commit": "abc"', '"git_commit": "def"'))
+    assert make_tables._commits(make_tables.load_runs(runs)) == \
+        "commits abc (2 runs: conv_fp32, conv_int8), def (1 run: conv_grad_range/grad_rangehadamard)"
+    assert make_tables._commits(make_tables.load_runs(runs)[:1]).startswith("commit ")
