@@ -37,7 +37,8 @@ class GradientCopies:
     and the second draw, the largest cost of simulated 8-bit training on a CPU, is saved. The
     fused kernels hash u from (seed, element index), so any slice, in any order, gets the values
     it would get at once; the eager path draws u once for all of g. Without bifurcation both
-    products use the same copy (the same bits, the same u).
+    products use the same copy (the same bits, the same u). grad_range="hadamard" rounds g rotated
+    (one rotation for both copies, held whole: rotation mixes values within a sample, never across).
     """
 
     def __init__(self, g: Tensor, spec: LayerQuant):
