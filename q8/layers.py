@@ -48,7 +48,8 @@ class GradientCopies:
         stochastic = spec.grad_rounding == "stochastic"
         bits = (spec.grad_bits, spec.grad_weight_bits)
         # grad_range="hadamard": the copies round g rotated (each sample on its own), then rotate back
-        self.rotation = SampleRotation(g) if spec.grad_range == "hadamard" and dim is not None and bits != (None, None) else None
+        rotate = spec.grad_range == "hadamard" and dim is not None and bits != (None, None) and g.numel() > 0
+        self.rotation = SampleRotation(g) if rotate else None
         self.rotated = self.rotation.apply(g) if self.rotation else g
         self.lo = self.hi = None  # no copy quantized (float layer gradients): no range to measure
         if bits != (None, None):

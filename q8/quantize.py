@@ -55,10 +55,12 @@ def tensor_range(x: Tensor) -> tuple[Tensor, Tensor]:
 def channel_range(x: Tensor, dim: int = 0) -> tuple[Tensor, Tensor]:
     """Min and max per index of `dim` (per output channel), shaped to broadcast against x."""
     x = x.detach()
-    moved = x.movedim(dim, 0).reshape(x.shape[dim], -1)
-    lo, hi = torch.aminmax(moved, dim=1)
     shape = [1] * x.dim()
     shape[dim] = x.shape[dim]
+    if x.numel() == 0:  # as tensor_range: an empty slice has the range [0, 0]
+        zero = x.new_zeros(shape)
+        return zero, zero
+    lo, hi = torch.aminmax(x.movedim(dim, 0).reshape(x.shape[dim], -1), dim=1)
     return lo.view(shape), hi.view(shape)
 
 

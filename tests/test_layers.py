@@ -429,6 +429,11 @@ def test_hadamard_gradient_range_reaches_every_quantized_gradient():
         reference, scale = grads[None][0], grads[None][0].abs().max()
         assert (grads[4][0] - reference).abs().max() > 0.05 * scale  # one 4-bit draw
         assert (grads[4][1] - reference).abs().max() < 0.02 * scale, make.__name__  # their mean
+    for empty in (torch.empty(0, 3, 2, 2), torch.empty(4, 0)):  # nothing to rotate, no range to take
+        for grad_range in ("sample", "channel", "hadamard"):
+            spec = LayerQuant(grad_range=grad_range)
+            assert all(c.shape == empty.shape for c in q8.layers.gradient_copies(empty, spec))
+            assert q8.quantize_gradient(empty, 8, "stochastic", grad_range).shape == empty.shape
     with pytest.raises(ValueError, match="grad_range"):
         q8.quantize_grad(torch.ones(2, requires_grad=True), 8, grad_range="rotated")
 
