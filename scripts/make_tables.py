@@ -180,7 +180,10 @@ def converged_table(runs: list[dict], source: str) -> str:
                      f"{stats([r['val_top5'] for r in rs])} | {wall} | {folders(rs)} |")
     lines += ["", "## The paper's claims", "", CLAIMS_NOTE, ""]
     lines += claims_table(groups, "conv_")
+    cpu_hours = sum(r["wall_time_s"] * r.get("threads", 1) for r in runs) / 3600
     lines += ["", _provenance(runs), "",
+              f"Cost of the runs above: {len(runs)} runs, {cpu_hours:.1f} CPU-hours (wall time x threads, summed over "
+              "runs; two runs at a time on a 2-core machine, drawn anew each session, so one row's times vary).", "",
               "Regenerate: `python scripts/sweep.py converged --jobs 2` (resumable), then "
               "`python scripts/make_tables.py --readme README.md`.", ""]
     return "\n".join(lines)

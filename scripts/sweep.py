@@ -4,6 +4,7 @@
     python scripts/sweep.py fmnist                 # here: Hydra's basic launcher, one run after another
     python scripts/sweep.py bits --dry-run         # print the jobs and the commands only
     python scripts/sweep.py converged --jobs 2     # here, two single runs at a time (one thread each)
+    python scripts/sweep.py converged --jobs 1 --only quant.grad_range=hadamard   # one row of it
 
 Run folders land in <root>/<name>/seed<k> (root: runs/<grid>), where scripts/make_tables.py finds
 them. Rerunning the same command resumes unfinished runs and skips finished ones.
@@ -106,33 +107,46 @@ def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]
     return out
 
 
-def finished(cmd: list[str]) -> bool:
-    """True when the run's folder holds the summary of a run that ended (finished or diverged).
-    The folder is resolved from the job's own overrides (every experiment is named after its
-    file, tests/test_configs.py)."""
+def run_folder(cmd: list[str]) -> Path:
+    """A single run's folder, resolved from its own overrides (every experiment is named after
+    its file, tests/test_configs.py)."""
     values = dict(c.split("=", 1) for c in cmd[2:] if "=" in c)
     values.setdefault("name", values.get("experiment", ""))
     folder = values["hydra.run.dir"]
     for key, value in values.items():
         folder = folder.replace("${" + key + "}", value)
-    if "${" in folder or not (Path(folder) / "summary.json").is_file():
+    return Path(folder)
+
+
+def finished(cmd: list[str]) -> bool:
+    """True when the run's folder holds the summary of a run that ended (finished or diverged)."""
+    summary = run_folder(cmd) / "summary.json"
+    if "${" in str(summary) or not summary.is_file():
         return False
-    return json.loads((Path(folder) / "summary.json").read_text()).get("status") in ("finished", "diverged")
+    return json.loads(summary.read_text()).get("status") in ("finished", "diverged")
 
 
-def run_pool(runs: list[list[str]], n: int, log_dir: Path) -> int:
-    """Run the commands n at a time; each one's output goes to <log_dir>/<k>.log. Returns failures."""
+def selected(cmd: list[str], only: list[str], skip: list[str]) -> bool:
+    """True when the run's overrides hold every `only` override and no `skip` one."""
+    return all(o in cmd for o in only) and not any(o in cmd for o in skip)
+
+
+def run_pool(runs: list[list[str]], n: int, root: Path) -> int:
+    """Run the commands n at a time; each one's output goes to <root>/logs/<its folder>.log (two
+    pools on one root never share a log). Returns failures."""
+    log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
 
-    def one(k_cmd):
-        k, cmd = k_cmd
-        with open(log_dir / f"{k:03d}.log", "w") as log:
+    def one(cmd):
+        folder = run_folder(cmd)
+        name = (folder.relative_to(root) if folder.is_relative_to(root) else Path(folder.name)).as_posix().replace("/", "_")
+        with open(log_dir / f"{name}.log", "w") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
         print(f"{'ok  ' if rc == 0 else f'FAIL rc={rc}'} {shlex.join(cmd[2:])}", flush=True)
         return rc != 0
 
     with concurrent.futures.ThreadPoolExecutor(n) as pool:
-        return sum(pool.map(one, enumerate(runs)))
+        return sum(pool.map(one, runs))
 
 
 def main(argv=None) -> int:
@@ -144,6 +158,9 @@ def main(argv=None) -> int:
     p.add_argument("--root", type=Path, help="default: runs/<grid>")
     p.add_argument("--jobs", type=int, metavar="N",
                    help="run here as single runs, N at a time, seed-major, skipping ended runs (logs in <root>/logs)")
+    p.add_argument("--only", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="with --jobs: only the runs whose overrides include all of these (e.g. quant.grad_range=hadamard)")
+    p.add_argument("--skip", nargs="+", default=[], metavar="KEY=VALUE", help="with --jobs: leave out runs with any of these")
     p.add_argument("--dry-run", action="store_true", help="print the jobs and commands, launch nothing")
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -155,13 +172,15 @@ def main(argv=None) -> int:
             p.error("--jobs must be at least 1")
         if args.launcher != "basic":
             p.error("--jobs runs here; a cluster launcher has its own parallelism")
-        runs = single_runs(args.grid, root, args.seeds, args.extra)
+        runs = [c for c in single_runs(args.grid, root, args.seeds, args.extra) if selected(c, args.only, args.skip)]
         done = [c for c in runs if finished(c)]
         runs = [c for c in runs if c not in done]
         print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} ended already):")
         for cmd in runs:
             print("#   " + shlex.join(cmd[2:]), flush=True)
-        return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root / "logs") else 0)
+        return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root) else 0)
+    if args.only or args.skip:
+        p.error("--only and --skip select single runs: use them with --jobs")
     failed = 0
     for cmd, seeds in commands(args.grid, root, args.seeds, args.launcher, args.extra):
         expanded = jobs([c for c in cmd[3:] if "," in c.split("=", 1)[-1] and not c.startswith("seed=")], seeds)

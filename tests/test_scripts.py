@@ -124,3 +124,21 @@ def test_provenance_names_each_commit_and_its_rows(tmp_path):
     assert make_tables._commits(make_tables.load_runs(runs)) == \
         "commits abc (2 runs: conv_fp32, conv_int8), def (1 run: conv_grad_range/grad_rangehadamard)"
     assert make_tables._commits(make_tables.load_runs(runs)[:1]).startswith("commit ")
+
+
+def test_sweep_only_and_skip_pick_rows_and_logs_are_named_by_run_folder(tmp_path, capsys):
+    """--only/--skip select single runs by their overrides (one row of a grid run from other code);
+    each run's log is named after its folder, so two pools on one root never write the same log."""
+    assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path), "--only", "quant.grad_range=hadamard"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#   ")]
+    assert len(lines) == 1 and "quant.grad_range=hadamard seed=0" in lines[0]
+    assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path),
+                       "--skip", "quant.grad_range=hadamard", "experiment=conv_fp32"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#   ")]
+    assert lines and not any("hadamard" in line or "experiment=conv_fp32" in line for line in lines)
+    assert any("experiment=conv_int8 seed=4" in line for line in lines)
+    code = "import sys; print('ran', sys.argv[1]); sys.exit('fail' in sys.argv[1])"
+    runs = [[sys.executable, "-c", code, f"hydra.run.dir={tmp_path}/{name}/seed0"] for name in ("a/b", "fail")]
+    assert sweep.run_pool(runs, 2, tmp_path) == 1
+    assert "ran hydra.run.dir" in (tmp_path / "logs" / "a_b_seed0.log").read_text()
+    assert (tmp_path / "logs" / "fail_seed0.log").is_file()
