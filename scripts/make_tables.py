@@ -51,6 +51,8 @@ CONVERGED_ROWS = [
     ("conv_rangebn_fp32", "FP32 with Range BN"),
     ("conv_int8_rangebn_paper", "int8, Range BN constant: paper 1/sqrt(2 ln n)"),
     ("conv_int8_rangebn_reference", "int8, Range BN constant: reference"),
+    ("conv_int8_float_layer_grad", "int8 forward, float layer gradients (diagnosis)"),
+    ("conv_int8_batch_range", "int8, activation range from the batch's min/max (diagnosis)"),
     ("conv_bits_grad/grad_bits4", "int8 with 4-bit layer gradients"),
     ("conv_bits_grad/grad_bits6", "int8 with 6-bit layer gradients (per-tensor range: the paper's)"),
     ("conv_grad_range/grad_rangesample", "int8 with 6-bit layer gradients, one range per sample"),
@@ -73,6 +75,11 @@ CLAIMS = [
     ("6-bit layer gradients with one range per sample match 8 bits", "grad_range/grad_rangesample", "int8", "same"),
     ("6-bit layer gradients with one range per channel match 8 bits", "grad_range/grad_rangechannel", "int8", "same"),
     ("6-bit Hadamard-rotated layer gradients match 8 bits", "grad_range/grad_rangehadamard", "int8", "same"),
+]
+# not the paper's claims: where the paper's int8 loses against float32, if it does
+DIAGNOSIS = [
+    ("float layer gradients recover float32 (what the gradient quantizers cost)", "int8_float_layer_grad", "int8", "differs"),
+    ("the batch's min/max as activation range recovers float32 (what clipping costs)", "int8_batch_range", "int8", "differs"),
 ]
 KINDS = [("activation", "forward: activations"), ("weight", "forward: weights"),
          ("layer_grad", "backward: layer gradients"), ("weight_grad", "backward: weight gradients")]
@@ -180,6 +187,8 @@ def converged_table(runs: list[dict], source: str) -> str:
                      f"{stats([r['val_top5'] for r in rs])} | {wall} | {folders(rs)} |")
     lines += ["", "## The paper's claims", "", CLAIMS_NOTE, ""]
     lines += claims_table(groups, "conv_")
+    lines += ["", "## Where int8 loses against float32 (diagnosis, not the paper's claims)", ""]
+    lines += claims_table(groups, "conv_", DIAGNOSIS)
     cpu_hours = sum(r["wall_time_s"] * r.get("threads", 1) for r in runs) / 3600
     lines += ["", _provenance(runs), "",
               f"Cost of the runs above: {len(runs)} runs, {cpu_hours:.1f} CPU-hours (wall time x threads, summed over "

@@ -39,6 +39,8 @@ ARCH_SEARCH += ["arch_resnet20_int8_channel_act"]
 CONVERGED = ["conv_fp32", "conv_int8"]  # the headline pair: 5 seeds (3 were planned; the spread is above 0.2)
 CONVERGED_ABLATIONS = ["conv_int8_no_bifurcation", "conv_int8_fp32_wgrad", "conv_int8_batchnorm", "conv_rangebn_fp32",
                        "conv_int8_rangebn_paper", "conv_int8_rangebn_reference"]
+# where int8 loses against float32, if it does: the gradients' quantizers, or the activation range's clipping
+CONVERGED_DIAGNOSIS = ["conv_int8_float_layer_grad", "conv_int8_batch_range"]
 CONVERGED_GRAD_BITS = [4, 6]  # 8 is the conv_int8 row itself
 GRAD_RANGES = ["sample", "channel", "hadamard"]  # at 6 gradient bits; "tensor" (the paper's) is the conv_bits_grad 6-bit row
 GRAD_BITS = [2, 3, 4, 6, 8, 10, 12, 16]
@@ -53,6 +55,7 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
     # the converged study (issue 12); seeds beyond these: --seeds 1 (each row then gets seed 1)
     "converged": [
         ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2, 3, 4]),  # 5: float32's seed spread was above 0.2
+        ([f"experiment={','.join(CONVERGED_DIAGNOSIS)}"], [0]),
         ([f"experiment={','.join(CONVERGED_ABLATIONS)}"], [0]),
         (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),

@@ -22,6 +22,9 @@ def test_sweep_dry_run_lists_every_job_without_launching(tmp_path):
 def test_every_grid_row_is_an_experiment():
     experiments = {p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")}
     assert set(sweep.IMAGENET) <= experiments and set(sweep.FMNIST) <= experiments
+    assert set(sweep.CONVERGED + sweep.CONVERGED_DIAGNOSIS + sweep.CONVERGED_ABLATIONS) <= experiments
+    assert {k for k, _ in make_tables.CONVERGED_ROWS if "/" not in k} == set(
+        sweep.CONVERGED + sweep.CONVERGED_DIAGNOSIS + sweep.CONVERGED_ABLATIONS)
     assert {name for _, _, name in make_tables.PAPER_ROWS} <= set(sweep.IMAGENET)
     assert [n for n, _ in make_tables.FMNIST_ROWS] == sweep.FMNIST
 
