@@ -143,6 +143,8 @@ def verdict(kind: str, interval: tuple | None, n: tuple[int, int]) -> str:
             return f"resolved: the same within {MARGIN}"
         if hi < -MARGIN or lo > MARGIN:
             return f"resolved: differs by more than {MARGIN}"
+        if hi < 0 or lo > 0:  # a difference, but not yet one beyond the margin
+            return f"resolved: {'lower' if hi < 0 else 'higher'} (the interval excludes 0); within {MARGIN}: {unresolved}"
         return unresolved
     if kind == "lower":
         if hi < 0:

@@ -96,7 +96,9 @@ def test_claims_get_welch_intervals_and_a_verdict(tmp_path):
     for name in ("converged.md", "converged.png"):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert make_tables.verdict("same", None, (1, 1)) == "not resolved at n=1/1 seeds"
-    assert make_tables.verdict("same", (0.0, -0.5, 0.2, "Welch"), (3, 3)).startswith("not resolved")
+    assert make_tables.verdict("same", (0.0, -0.5, 0.2, "Welch"), (3, 3)) == "not resolved at n=3/3 seeds"
+    assert make_tables.verdict("same", (-0.57, -0.91, -0.23, "Welch"), (2, 3)) == \
+        "resolved: lower (the interval excludes 0); within 0.3: not resolved at n=2/3 seeds"
     assert make_tables.verdict("lower", (0.1, -0.2, 0.4, "Welch"), (3, 3)) == "resolved: no loss beyond 0.3"
     assert make_tables.difference_interval([92.0, 92.0], [91.0, 91.0]) is None  # no spread: nothing to go on
 
