@@ -54,8 +54,10 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
     "arch": [([f"experiment={','.join(ARCH)}"], [0, 1, 2]), ([f"experiment={','.join(ARCH_SEARCH)}"], [0])],
     # the converged study (issue 12); seeds beyond these: --seeds 1 (each row then gets seed 1)
     "converged": [
-        ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2, 3, 4]),  # 5: float32's seed spread was above 0.2
+        ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2]),
+        # int8 came out lower than float32 on the first seeds: where it loses comes before more seeds
         ([f"experiment={','.join(CONVERGED_DIAGNOSIS)}"], [0]),
+        ([f"experiment={','.join(CONVERGED)}"], [3, 4]),  # 5 seeds: float32's seed spread was above 0.2
         ([f"experiment={','.join(CONVERGED_ABLATIONS)}"], [0]),
         (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),
