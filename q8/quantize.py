@@ -321,7 +321,7 @@ def quantize_tensor(x: Tensor, bits: int | None, rounding: str, range_dim: int |
 # grad_range name -> the dimension with one range per index (None: one for the whole tensor);
 # "hadamard" takes one range per sample of the rotated gradient (SampleRotation)
 GRAD_RANGE_DIMS = {"tensor": None, "sample": 0, "channel": 1, "hadamard": 0}
-HADAMARD_BLOCK = 64  # the largest block rotated: a 64x64 product per block costs ~10% of a ResNet-20 step
+HADAMARD_BLOCK = 64  # the largest block rotated: wider blocks spread a spike further, at a block-size product per value
 
 
 def _hadamard(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:

@@ -1,5 +1,6 @@
 """QConv2d / QLinear: forward once, gradients bifurcation by hand, SQNR floors, stored codes."""
 
+import importlib
 import pytest
 import torch
 import torch.nn.functional as F
@@ -398,7 +399,7 @@ def test_hadamard_gradient_range_is_unbiased_and_shrinks_heavy_tails():
     for i in range(8):
         rows[i, torch.randint(256, ())] = 100.0 * (i + 1)
     spec = LayerQuant(grad_bits=4, grad_weight_bits=12, grad_range="hadamard")
-    draws, mean, err = 2000, torch.zeros_like(g), {}
+    draws, mean, err_hadamard = 2000, torch.zeros_like(g), 0.0
     for _ in range(draws):
         q8.seed_rounding(None)
         copies = q8.layers.GradientCopies(g, spec)
@@ -407,17 +408,25 @@ def test_hadamard_gradient_range_is_unbiased_and_shrinks_heavy_tails():
         assert ((g_in - g).view(8, -1).norm(dim=1) <= step * 256 ** 0.5 * (1 + 1e-9)).all()
         assert (g_w - g).abs().max() < (g_in - g).abs().max()  # the 12-bit copy is finer
         mean += g_in / draws
-        err["hadamard"] = err.get("hadamard", 0) + ((g_in - g) ** 2).mean() / draws
+        err_hadamard += ((g_in - g) ** 2).mean() / draws
     assert (mean - g).abs().max() < 4 * (step.max() * 256 ** 0.5 / 2) / draws ** 0.5
     per_sample = LayerQuant(grad_bits=4, grad_weight_bits=12, grad_range="sample")
-    err["sample"] = sum(((q8.layers.gradient_copies(g, per_sample)[0] - g) ** 2).mean() for _ in range(200)) / 200
-    assert err["hadamard"] < err["sample"] / 4, err
+    err_sample = sum(((q8.layers.gradient_copies(g, per_sample)[0] - g) ** 2).mean() for _ in range(200)) / 200
+    assert err_hadamard < err_sample / 4, (err_hadamard, err_sample)
 
 
-def test_hadamard_gradient_range_reaches_every_quantized_gradient():
+def test_hadamard_gradient_range_reaches_every_quantized_gradient(monkeypatch):
     """The layers whose output gradient is quantized by a hook or inside their Function (Range BN,
-    standard BN at 8 bit) use the rotated estimator too: over draws their input gradient averages
-    to the one of an unquantized output gradient; one draw is not it."""
+    standard BN at 8 bit) use the rotated estimator too: they rotate, and over draws their input
+    gradient averages to the one of an unquantized output gradient; one draw is not it."""
+    rotations, module = [], importlib.import_module("q8.quantize")  # q8.quantize is also the function
+
+    class Counted(module.SampleRotation):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            rotations.append(self)
+
+    monkeypatch.setattr(module, "SampleRotation", Counted)
     torch.manual_seed(0)
     x, g = torch.randn(16, 4, 4, 4, dtype=torch.float64), torch.randn(16, 4, 4, 4, dtype=torch.float64)
     for make in (q8.RangeBatchNorm2d, q8.QBatchNorm2d):
@@ -429,6 +438,8 @@ def test_hadamard_gradient_range_reaches_every_quantized_gradient():
         reference, scale = grads[None][0], grads[None][0].abs().max()
         assert (grads[4][0] - reference).abs().max() > 0.05 * scale  # one 4-bit draw
         assert (grads[4][1] - reference).abs().max() < 0.02 * scale, make.__name__  # their mean
+        assert len(rotations) == 400, make.__name__  # one rotation per quantized backward
+        rotations.clear()
     for empty in (torch.empty(0, 3, 2, 2), torch.empty(4, 0)):  # nothing to rotate, no range to take
         for grad_range in ("sample", "channel", "hadamard"):
             spec = LayerQuant(grad_range=grad_range)
