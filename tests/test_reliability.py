@@ -365,7 +365,10 @@ def test_every_preset_trains_with_diagnostics_on_a_depthwise_model(fm, tmp_path)
     variants["int8_act_range_channel"] = q8.QuantConfig.preset("int8", act_range="channel")
     for preset, qc in sorted(variants.items()):
         cfg = config(fm, max_steps=2, diagnostics_every=1)
-        cfg.model.name, cfg.model.kwargs = "mobilenet_v2_cifar", {"width_mult": 0.25}
+        # MobileNetV2 cut to one block of each kind (depthwise layers, expansion, a residual add),
+        # strided early so its 1280-channel last layer sees small maps
+        cfg.model.name, cfg.model.kwargs = "mobilenet_v2_cifar", {
+            "width_mult": 0.25, "inverted_residual_setting": [[1, 16, 1, 2], [6, 24, 2, 2]]}
         for key, value in dataclasses.asdict(qc).items():
             if hasattr(cfg.quant, key):
                 setattr(cfg.quant, key, value)
