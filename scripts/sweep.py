@@ -57,10 +57,12 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
         ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2]),
         # int8 came out lower than float32 on the first seeds: where it loses comes before more seeds
         ([f"experiment={','.join(CONVERGED_DIAGNOSIS)}"], [0]),
-        ([f"experiment={','.join(CONVERGED)}"], [3, 4]),  # 5 seeds: float32's seed spread was above 0.2
+        # the other claims have no converged run yet, while the headline pair is resolved at 3 seeds
+        # (its interval excludes 0 and the margin): their first seeds come before its seeds 4 and 5
         ([f"experiment={','.join(CONVERGED_ABLATIONS)}"], [0]),
         (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),
+        ([f"experiment={','.join(CONVERGED)}"], [3, 4]),  # 5 seeds: float32's seed spread was above 0.2
     ],
     # how the paper's int8 fails on MobileNetV2 and int8_batch_range does not: loss and gradient norm
     # every 5 steps, the diagnostics (clipped share, shadow cosines) every 10, in summary.json's history
