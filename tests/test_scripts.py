@@ -115,7 +115,8 @@ def test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones(tmp_path, 
     assert "experiment=arch_resnet20_fp32 seed=0" in lines[2]  # grid order, every row's seed 0 first
     assert "seed=1" in lines[len(sweep.ARCH) - 2] and "seed=0" in lines[-1]
     bits = sweep.single_runs("converged", tmp_path, [0], [])
-    assert any(f"hydra.run.dir={tmp_path}/${{name}}/grad_bits${{quant.grad_bits}}/seed${{seed}}" in c for c in bits[-4])
+    six = next(c for c in bits if "quant.grad_bits=6" in c and "name=conv_bits_grad" in c)
+    assert f"hydra.run.dir={tmp_path}/${{name}}/grad_bits${{quant.grad_bits}}/seed${{seed}}" in six
 
 
 def test_provenance_names_each_commit_and_its_rows(tmp_path):
