@@ -141,13 +141,21 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _git_commit() -> Optional[str]:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+def _code_version() -> dict:
+    """The code this process runs: its git commit and whether tracked files differ from it (None
+    outside a git checkout). Read at start: main may move on while a run trains."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit or None, "dirty": bool(status) if status is not None else None}
 
 
 def _check_resumable(saved: dict, cfg: dict, path: Path) -> None:
@@ -212,7 +220,11 @@ class Run:
         self.images = 0
         self.saved: Optional[tuple[Path, int]] = None  # the last finite checkpoint written: (path, step)
         self.t0 = time.time()
+        self.code: list[dict] = []  # each code version that trained this run, and the step it took over at
         self.resumed = self._resume()
+        version = _code_version()
+        if not self.code or any(self.code[-1][k] != v for k, v in version.items()):
+            self.code.append({**version, "from_step": self.step})
         self.set_lr()
         self.writer = None
 
@@ -241,6 +253,7 @@ class Run:
             "images": self.images,
             "rng": checkpoint.rng_state(),
             "config": self.config_dict,
+            "code": self.code,
         }
 
     def save(self, best: bool = False) -> None:
@@ -303,6 +316,7 @@ class Run:
         self.fidelity = state.get("fidelity", {})
         self.history = state.get("history", {"train": [], "fidelity": []})
         self.wall_before, self.images = state["wall_time_s"], state["images"]
+        self.code = state.get("code", [])
         checkpoint.set_rng_state(state["rng"])
         self.saved = (path, self.step)
         if self.epoch >= self.cfg.trainer.epochs and self.batch_in_epoch == 0 and self.epoch > 0:
@@ -492,7 +506,8 @@ class Run:
             "threads": torch.get_num_threads(),
             "machine": {"platform": platform.platform(), "processor": cpu_model(), "cpus": os.cpu_count()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "torchvision": _tv_version()},
-            "git_commit": _git_commit(),
+            "git_commit": self.code[-1]["commit"],  # the code that finished the run
+            "code": self.code,  # every version that trained it (a resumed run may span several)
             "config": self.config_dict,
         }
         if self.rank == 0:
@@ -518,7 +533,7 @@ class Run:
         if self.rank == 0:
             summary = {"name": self.cfg.name, "status": "diverged", "error": str(err), "steps": self.step,
                        "val_top1": None, "val_top5": None, "wall_time_s": self.wall_before + time.time() - self.t0,
-                       "fidelity": self.fidelity, "history": self.history, "config": self.config_dict}
+                       "fidelity": self.fidelity, "history": self.history, "code": self.code, "config": self.config_dict}
             write_text(self.dir / "summary.json", json.dumps(summary, indent=2) + "\n")
 
     def _hparams(self, summary: dict) -> None:

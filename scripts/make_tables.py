@@ -410,11 +410,22 @@ def _provenance(runs: list[dict]) -> str:
     )
 
 
+def _versions(run: dict) -> list[str]:
+    """Each code version that trained a run: its commit (10 digits), "+changes" when tracked files
+    differed from it. Runs from before summaries kept every version name only the finishing one."""
+    code = run.get("code") or [{"commit": run.get("git_commit"), "dirty": False}]
+    names = [f"{str(v['commit'])[:10]}{'+changes' if v.get('dirty') else ''}" if v.get("commit") else "not recorded"
+             for v in code]
+    return list(dict.fromkeys(names))
+
+
 def _commits(runs: list[dict]) -> str:
-    """The code the runs ran: one commit, or each commit with the runs that used it."""
+    """The code the runs ran: one commit, or each commit with the runs that used it (a resumed run
+    under each of its commits)."""
     by_commit = defaultdict(list)
     for r in runs:
-        by_commit[str(r["git_commit"])[:10] if r.get("git_commit") else "not recorded"].append(r)
+        for name in _versions(r):
+            by_commit[name].append(r)
     if len(by_commit) == 1:
         return f"commit {next(iter(by_commit))}"
     return "commits " + ", ".join(f"{c} ({len(rs)} run{'s' * (len(rs) > 1)}: {', '.join(sorted({row_key(r) for r in rs}))})"

@@ -168,6 +168,34 @@ def test_extending_a_run_follows_the_new_schedule(fm, tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 16
 
 
+def test_a_run_resumed_under_new_code_names_each_version_read_at_start(fm, tmp_path, monkeypatch):
+    """summary.json names the code each segment ran, read when the process started: main moving on
+    while a run trains (or between its sessions) must not relabel what ran."""
+    run_dir, seen = tmp_path / "run", []
+    versions = iter([{"commit": "a" * 40, "dirty": False}, {"commit": "b" * 40, "dirty": True}])
+
+    def version():
+        seen.append(next(versions))
+        return seen[-1]
+
+    monkeypatch.setattr(trainer, "_code_version", version)
+    trainer.train(config(fm, max_steps=3), run_dir)
+    trainer.train(config(fm), run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(seen) == 2  # once per process start, never at the end
+    assert summary["code"] == [{"commit": "a" * 40, "dirty": False, "from_step": 0},
+                               {"commit": "b" * 40, "dirty": True, "from_step": 3}]
+    assert summary["git_commit"] == "b" * 40 and summary["steps"] == 8
+
+
+def test_the_code_version_is_this_checkout():
+    version = trainer._code_version()
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert version["commit"] == head and isinstance(version["dirty"], bool)
+
+
 # ---- 5, 6. config.yaml and the run-folder lock ---------------------------------------------------
 
 

@@ -130,6 +130,13 @@ def test_provenance_names_each_commit_and_its_rows(tmp_path):
     assert make_tables._commits(make_tables.load_runs(runs)) == \
         "commits abc (2 runs: conv_fp32, conv_int8), def (1 run: conv_grad_range/grad_rangehadamard)"
     assert make_tables._commits(make_tables.load_runs(runs)[:1]).startswith("commit ")
+    # a run resumed under other code counts under each version, changed files marked
+    data = json.loads(summary.read_text())
+    data["code"] = [{"commit": "abc", "dirty": False, "from_step": 0}, {"commit": "def", "dirty": True, "from_step": 5}]
+    summary.write_text(json.dumps(data))
+    assert make_tables._commits(make_tables.load_runs(runs)) == (
+        "commits abc (3 runs: conv_fp32, conv_grad_range/grad_rangehadamard, conv_int8), "
+        "def+changes (1 run: conv_grad_range/grad_rangehadamard)")
 
 
 def test_sweep_only_and_skip_pick_rows_and_logs_are_named_by_run_folder(tmp_path, capsys):
