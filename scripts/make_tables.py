@@ -185,14 +185,18 @@ def converged_table(runs: list[dict], source: str) -> str:
     lines = header(
         "Converged Fashion-MNIST study: the paper's claims with 95% confidence intervals", source,
         "Validation top-1 / top-5 (%) on the 10k test images after the last epoch, mean +- sample std over seeds "
-        "(n: seeds; diverged runs counted, not averaged).",
-        ["run", "top-1", "top-5", "wall time per run (min)", "run folders"],
+        "(n: seeds; diverged runs counted, not averaged). Cos: each tensor kind of the quantized pass against the "
+        "same tensor in a full-precision pass of the same model and batch (shadow cosine, size-weighted over layers, "
+        "at each run's last diagnostics; mean over seeds; 1.0: float; \"-\": a float row).",
+        ["run", "top-1", "top-5", "activation cos", "layer-gradient cos", "weight-gradient cos",
+         "wall time per run (min)", "run folders"],
     )
     for key, label in CONVERGED_ROWS:
         rs = groups.get(key, [])
         wall = f"{statistics.fmean(r['wall_time_s'] for r in rs) / 60:.0f}" if rs else "-"
         lines.append(f"| {label} (`{key}`) | {stats([r['val_top1'] for r in rs])} | "
-                     f"{stats([r['val_top5'] for r in rs])} | {wall} | {folders(rs)} |")
+                     f"{stats([r['val_top5'] for r in rs])} | {last_fidelity(rs, 'activation')} | "
+                     f"{last_fidelity(rs, 'layer_grad')} | {last_fidelity(rs, 'weight_grad')} | {wall} | {folders(rs)} |")
     lines += ["", "## The paper's claims", "", CLAIMS_NOTE, ""]
     lines += claims_table(groups, "conv_")
     lines += ["", "## Where int8 loses against float32 (diagnosis, not the paper's claims)", ""]
@@ -348,6 +352,12 @@ def diagnostics_table(runs: list[dict]) -> list[str]:
     return lines
 
 
+def last_fidelity(runs: list[dict], kind: str, key: str = "shadow_cosine", scale: float = 1.0) -> str:
+    """The mean over runs of one tensor kind's value at each run's last diagnostics ("-": none recorded)."""
+    v = [f[kind][key] * scale for f in (r.get("fidelity") or {} for r in runs) if kind in f and key in f[kind]]
+    return f"{statistics.fmean(v):.3f}" if v else "-"
+
+
 def arch_table(runs: list[dict], source: str, diagnostics: list[dict] = ()) -> str:
     """The families table, the diagnostics of diag_* runs, then every arch_* run: the model, what it quantizes, top-1 (diverged
     runs counted), and the last diagnostics' size-weighted shadow cosine (the quantized pass
@@ -381,16 +391,10 @@ def arch_table(runs: list[dict], source: str, diagnostics: list[dict] = ()) -> s
     for name in sorted(groups):
         rs = groups[name]
         c = rs[0]["config"]
-        fid = [r.get("fidelity") or {} for r in rs]
-
-        def cos(kind: str, key: str = "shadow_cosine", scale: float = 1.0) -> str:
-            v = [f[kind][key] * scale for f in fid if kind in f and key in f[kind]]
-            return f"{statistics.fmean(v):.3f}" if v else "-"
-
         model = f"{c['model']['name']} {c['model']['kwargs']}"
         lines.append(f"| `{name}` | {model} | {_setting(c)} | {stats([r['val_top1'] for r in rs])} | "
-                     f"{cos('activation')} | {cos('layer_grad')} | {cos('weight_grad')} | "
-                     f"{cos('activation', 'clipped', 100)} | {folders(rs)} |")
+                     f"{last_fidelity(rs, 'activation')} | {last_fidelity(rs, 'layer_grad')} | "
+                     f"{last_fidelity(rs, 'weight_grad')} | {last_fidelity(rs, 'activation', 'clipped', 100)} | {folders(rs)} |")
     lines += ["", _provenance(runs), ""]
     return "\n".join(lines)
 

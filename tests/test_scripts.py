@@ -91,6 +91,7 @@ def test_claims_get_welch_intervals_and_a_verdict(tmp_path):
     assert "(pooled: one side has 1 seed) | 1/3 | resolved: lower |" in row("`conv_int8_no_bifurcation` vs")
     assert "| -1.50 |" in row("`conv_bits_grad/grad_bits6` vs `conv_int8`")
     assert "not run here" in row("`conv_int8_batchnorm` vs") and "92.50 +- 0.05 (n=3)" in row("`conv_int8`)")
+    assert "| 0.800 | 0.800 | 0.800 |" in row("`conv_int8`)")  # the shadow cosines of activations and gradients
     assert "`converged/" not in md and "`conv_bits_grad/grad_bits6/seed0`" in md
     make_tables.main(["--runs", str(runs), "--out", str(tmp_path / "again")])
     for name in ("converged.md", "converged.png"):
