@@ -46,6 +46,23 @@ class RunFolderLock:
         self.fd = fd
         return self
 
+    def holder(self) -> Optional[str]:
+        """Who holds the lock now ("process 12 on host"), or None when no process does (a probe:
+        it takes a shared lock for an instant, never waits)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return None  # no lock file: no run has trained here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self.fd is not None:
             os.ftruncate(self.fd, 0)

@@ -7,7 +7,8 @@
     python scripts/sweep.py converged --jobs 1 --only quant.grad_range=hadamard   # one row of it
 
 Run folders land in <root>/<name>/seed<k> (root: runs/<grid>), where scripts/make_tables.py finds
-them. Rerunning the same command resumes unfinished runs and skips finished ones.
+them. Rerunning the same command resumes unfinished runs and skips finished ones (with --jobs,
+also runs another process is training: their folder is locked).
 """
 
 from __future__ import annotations
@@ -133,6 +134,14 @@ def finished(cmd: list[str]) -> bool:
     return json.loads(summary.read_text()).get("status") in ("finished", "diverged")
 
 
+def in_use(folder: Path) -> str | None:
+    """Who trains in a run folder now (its lock's holder), or None."""
+    sys.path.insert(0, str(ROOT))
+    from q8.runfolder import RunFolderLock
+
+    return RunFolderLock(folder).holder()
+
+
 def selected(cmd: list[str], only: list[str], skip: list[str]) -> bool:
     """True when the run's overrides hold every `only` override and no `skip` one."""
     return all(o in cmd for o in only) and not any(o in cmd for o in skip)
@@ -146,6 +155,10 @@ def run_pool(runs: list[list[str]], n: int, root: Path) -> int:
 
     def one(cmd):
         folder = run_folder(cmd)
+        holder = in_use(folder)
+        if holder:  # another sweep (or a session's leftover run) trains it: not a failure of this one
+            print(f"skip (in use by {holder}) {shlex.join(cmd[2:])}", flush=True)
+            return False
         name = (folder.relative_to(root) if folder.is_relative_to(root) else Path(folder.name)).as_posix().replace("/", "_")
         with open(log_dir / f"{name}.log", "w") as log:
             rc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -181,8 +194,11 @@ def main(argv=None) -> int:
             p.error("--jobs runs here; a cluster launcher has its own parallelism")
         runs = [c for c in single_runs(args.grid, root, args.seeds, args.extra) if selected(c, args.only, args.skip)]
         done = [c for c in runs if finished(c)]
-        runs = [c for c in runs if c not in done]
-        print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} ended already):")
+        busy = {i: h for i, c in enumerate(runs) if c not in done and (h := in_use(run_folder(c)))}
+        for i, holder in busy.items():
+            print(f"# in use by {holder}, skipped: {shlex.join(runs[i][2:])}")
+        runs = [c for i, c in enumerate(runs) if c not in done and i not in busy]
+        print(f"# {len(runs)} runs, {args.jobs} at a time ({len(done)} ended already, {len(busy)} in use elsewhere):")
         for cmd in runs:
             print("#   " + shlex.join(cmd[2:]), flush=True)
         return 0 if args.dry_run else (1 if run_pool(runs, args.jobs, root) else 0)

@@ -1,6 +1,7 @@
 """The sweep launcher's dry run, and tables that are a pure function of the run folders."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,28 @@ def test_sweep_only_and_skip_pick_rows_and_logs_are_named_by_run_folder(tmp_path
     assert sweep.run_pool(runs, 2, tmp_path) == 1
     assert "ran hydra.run.dir" in (tmp_path / "logs" / "a_b_seed0.log").read_text()
     assert (tmp_path / "logs" / "fail_seed0.log").is_file()
+
+
+def test_sweep_skips_runs_that_another_process_trains(tmp_path, capsys):
+    """A run whose folder is locked (another sweep, or a run a session left going) is neither listed
+    to run nor launched a second time, and is not counted a failure."""
+    from q8.runfolder import RunFolderLock
+
+    folder = tmp_path / "conv_fp32" / "seed0"
+    folder.mkdir(parents=True)
+    lock = RunFolderLock(folder)
+    assert lock.holder() is None and RunFolderLock(tmp_path / "never").holder() is None
+    lock.acquire()
+    try:
+        assert lock.holder().startswith(f"process {os.getpid()} on ")
+        assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path), "--only", "experiment=conv_fp32"]) == 0
+        out = capsys.readouterr().out
+        listed = [line for line in out.splitlines() if line.startswith("#   ")]
+        assert "in use by process" in out and "2 in use" not in out and "1 in use elsewhere" in out
+        assert not any("seed=0" in line for line in listed) and any("seed=1" in line for line in listed)
+        code = "import sys; sys.exit(3)"  # a failure, were it launched
+        assert sweep.run_pool([[sys.executable, "-c", code, f"hydra.run.dir={folder}"]], 1, tmp_path) == 0
+        assert "skip (in use by process" in capsys.readouterr().out
+    finally:
+        lock.release()
+    assert lock.holder() is None
