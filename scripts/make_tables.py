@@ -58,6 +58,8 @@ CONVERGED_ROWS = [
     ("conv_grad_range/grad_rangesample", "int8 with 6-bit layer gradients, one range per sample"),
     ("conv_grad_range/grad_rangechannel", "int8 with 6-bit layer gradients, one range per channel"),
     ("conv_grad_range/grad_rangehadamard", "int8 with 6-bit layer gradients, Hadamard-rotated, one range per sample"),
+    ("conv_grad_range8/grad_rangesample", "int8, one layer-gradient range per sample (diagnosis)"),
+    ("conv_grad_range8/grad_rangehadamard", "int8, Hadamard-rotated layer gradients, one range per sample (diagnosis)"),
 ]
 MARGIN = 0.3  # top-1 points: "as good as" means the 95% interval of the difference lies within +-MARGIN
 # (claim, row, baseline, kind): "same" = the paper says no loss; "lower" = the paper says the row loses
@@ -86,6 +88,12 @@ DIAGNOSIS = [
     ("the batch's min/max as activation range gains over int8 (what clipping activations costs)", "int8_batch_range",
      "int8", "differs"),
     ("int8 with the batch's min/max as activation range matches float32", "int8_batch_range", "fp32", "same"),
+    ("8-bit layer gradients with one range per sample gain over int8's per-tensor range", "grad_range8/grad_rangesample",
+     "int8", "differs"),
+    ("int8 with one layer-gradient range per sample matches float32", "grad_range8/grad_rangesample", "fp32", "same"),
+    ("8-bit Hadamard-rotated layer gradients gain over int8's per-tensor range", "grad_range8/grad_rangehadamard", "int8",
+     "differs"),
+    ("int8 with Hadamard-rotated layer gradients matches float32", "grad_range8/grad_rangehadamard", "fp32", "same"),
 ]
 KINDS = [("activation", "forward: activations"), ("weight", "forward: weights"),
          ("layer_grad", "backward: layer gradients"), ("weight_grad", "backward: weight gradients")]
@@ -526,8 +534,9 @@ def converged_plot(runs: list[dict], out: Path, plt, meta: dict) -> None:
     a1.set_title("converged Fashion-MNIST, ResNet-20")
     base = top1s(groups.get("conv_int8", []))
     curves = [("per tensor (the paper)", [(4, "conv_bits_grad/grad_bits4"), (6, "conv_bits_grad/grad_bits6"), (8, "conv_int8")]),
-              ("per sample", [(6, "conv_grad_range/grad_rangesample")]), ("per channel", [(6, "conv_grad_range/grad_rangechannel")]),
-              ("rotated, per sample", [(6, "conv_grad_range/grad_rangehadamard")])]
+              ("per sample", [(6, "conv_grad_range/grad_rangesample"), (8, "conv_grad_range8/grad_rangesample")]),
+              ("per channel", [(6, "conv_grad_range/grad_rangechannel")]),
+              ("rotated, per sample", [(6, "conv_grad_range/grad_rangehadamard"), (8, "conv_grad_range8/grad_rangehadamard")])]
     for label, pts in curves:
         pts = [(b, mean_interval(top1s(groups[k]))) for b, k in pts if top1s(groups.get(k, []))]
         if pts:

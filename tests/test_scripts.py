@@ -144,7 +144,8 @@ def test_provenance_names_each_commit_and_its_rows(tmp_path):
 def test_sweep_only_and_skip_pick_rows_and_logs_are_named_by_run_folder(tmp_path, capsys):
     """--only/--skip select single runs by their overrides (one row of a grid run from other code);
     each run's log is named after its folder, so two pools on one root never write the same log."""
-    assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path), "--only", "quant.grad_range=hadamard"]) == 0
+    assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path), "--only", "quant.grad_range=hadamard",
+                       "name=conv_grad_range"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("#   ")]
     assert len(lines) == 1 and "quant.grad_range=hadamard seed=0" in lines[0]
     assert sweep.main(["converged", "--jobs", "1", "--dry-run", "--root", str(tmp_path),
