@@ -140,7 +140,8 @@ def finished(cmd: list[str]) -> bool:
 
 def in_use(folder: Path) -> str | None:
     """Who trains in a run folder now (its lock's holder), or None."""
-    sys.path.insert(0, str(ROOT))
+    if str(ROOT) not in sys.path:  # q8 from this checkout, added once (this runs for every run of a grid)
+        sys.path.insert(0, str(ROOT))
     from q8.runfolder import RunFolderLock
 
     return RunFolderLock(folder).holder()
