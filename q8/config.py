@@ -90,7 +90,7 @@ class QuantConfig(LayerQuant):
     to either "float" or a dict of LayerQuant fields; later patterns win.
     """
 
-    norm: str = "range"  # "batch": nn.BatchNorm2d; "range": Range BN (METHOD.md section 3)
+    norm: str = "range"  # "batch": standard BN; "range": Range BN (METHOD.md section 3)
     range_bn_chunks: int = 16  # average the range over this many chunks of each channel (the paper's 16)
     range_bn_constant: str = "exact"  # "paper" | "reference" | "exact"
     overrides: Mapping[str, Any] = field(default_factory=dict)

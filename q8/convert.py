@@ -13,15 +13,20 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import QuantConfig
-from .layers import ActivationRange, QBatchNorm2d, QConv2d, QLinear, QReLU, RangeBatchNorm2d, adopt
+from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d, QLinear,
+                     QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 log = logging.getLogger("q8")
 
+# torch layer -> its quantized version(s)
+CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d}
+NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d),
+         nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
 # q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
-FLOAT_OF = {QConv2d: nn.Conv2d, QLinear: nn.Linear, RangeBatchNorm2d: nn.BatchNorm2d, QBatchNorm2d: nn.BatchNorm2d,
-            QReLU: nn.ReLU}
-SUPPORTED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.ReLU)
+FLOAT_OF = {QLinear: nn.Linear, QReLU: nn.ReLU, **{q: kind for kind, q in CONVS.items()},
+            **{q: kind for kind, pair in NORMS.items() for q in pair}}
+SUPPORTED = (nn.Linear, nn.ReLU, *CONVS, *NORMS)
 
 
 def _base_type(module: nn.Module) -> type:
@@ -47,15 +52,16 @@ def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.M
     """The quantized layer of `kind` for `module` (a float layer or a q8 layer), or None to keep it."""
     if kind is nn.ReLU:  # same gradients, a 1-byte mask saved instead of a float output
         return None if config.is_float else adopt(QReLU(module.inplace), module)
-    if kind is nn.Conv2d:
-        return QConv2d.from_float(module, spec)
+    if kind in CONVS:
+        return CONVS[kind].from_float(module, spec)
     if kind is nn.Linear:
         return QLinear.from_float(module, spec)
+    range_bn, standard_bn = NORMS[kind]
     if config.norm == "range":
-        return RangeBatchNorm2d.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
+        return range_bn.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
     if spec.act_bits is not None or spec.grad_bits is not None:
-        return QBatchNorm2d.from_float(module, spec)
-    return _plain(module, nn.BatchNorm2d)
+        return standard_bn.from_float(module, spec)
+    return _plain(module, kind)
 
 
 def _plain(module: nn.Module, kind: type) -> nn.Module:
@@ -64,21 +70,21 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
         return module
     if kind is nn.ReLU:
         return adopt(nn.ReLU(module.inplace), module)
-    if kind is nn.Conv2d:
-        new = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                        module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+    if kind in CONVS:
+        new = kind(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
+                   module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
     elif kind is nn.Linear:
         new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
     else:
-        new = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
-                             device="meta")
+        new = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                   device="meta")
     return adopt(new, module)
 
 
 def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Module]:
     """The quantized replacement of one module, or None to keep it.
 
-    Only exact nn.Conv2d / nn.Linear / nn.BatchNorm2d / nn.ReLU (or q8's versions of them, or
+    Only exact nn.Conv1d/2d/3d, nn.Linear, nn.BatchNorm1d/2d/3d, nn.ReLU (or q8's versions of them, or
     their parametrized forms) are swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
@@ -97,7 +103,7 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
-    """Swap nn.Conv2d, nn.Linear and nn.BatchNorm2d (and nn.ReLU, when anything is quantized)
+    """Swap nn.Conv1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d (and nn.ReLU, when anything is quantized)
     of `model` in place (post-order) and return it.
 
     The new layers reuse the original Parameter and buffer objects, so parameter names and

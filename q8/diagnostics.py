@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import FLOAT_SPEC, ActivationRange, QConv2d, QLinear
+from .layers import FLOAT_SPEC, ActivationRange, QConvNd, QLinear
 from .quantize import rounding_state, set_rounding_state
 
 KINDS = ("weight", "activation", "layer_grad", "weight_grad")
@@ -45,7 +45,7 @@ def cosine_bound(bits: int, n: int) -> float:
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConv2d, QLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConvNd, QLinear))]
 
 
 @contextmanager
@@ -210,10 +210,10 @@ def range_bn_scales(model: nn.Module, inputs: Tensor) -> list[dict]:
     input's real standard deviation, per channel (mean, min, max over channels). Near 1 on
     Gaussian data with the exact constant; far from 1 where the input is skewed or heavy-tailed,
     or where one range spans too many values (METHOD.md section 3). Buffers are left untouched."""
-    from .layers import RangeBatchNorm2d, chunk_sizes, mean_expected_range
+    from .layers import RangeBatchNormNd, chunk_sizes, mean_expected_range
 
     seen: dict[str, Tensor] = {}
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RangeBatchNorm2d)]
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, RangeBatchNormNd)]
     was_training = model.training
     with _hooks([m.register_forward_pre_hook(lambda mod, args, name=n: seen.__setitem__(name, args[0].detach()))
                  for n, m in layers]), _preserved(model):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import QBatchNorm2d, RangeBatchNorm2d
+from .layers import QBatchNormNd, RangeBatchNormNd
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device, bool]:
@@ -34,13 +34,13 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device, bool]:
 
 def sync_norms(model: nn.Module) -> nn.Module:
     """Global-batch statistics for every normalization: Range BN synchronizes itself, plain
-    nn.BatchNorm2d becomes nn.SyncBatchNorm. Call after q8.convert, before DDP."""
+    nn.BatchNorm1d/2d/3d becomes nn.SyncBatchNorm. Call after q8.convert, before DDP."""
     for name, child in list(model.named_children()):
-        if type(child) is nn.BatchNorm2d:
+        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-        elif isinstance(child, RangeBatchNorm2d):
+        elif isinstance(child, RangeBatchNormNd):
             child.process_group = dist.group.WORLD
-        elif isinstance(child, QBatchNorm2d):
+        elif isinstance(child, QBatchNormNd):
             warnings.warn(f"{name}: quantized standard BN keeps per-process statistics under DDP", stacklevel=2)
         else:
             sync_norms(child)

@@ -1,4 +1,4 @@
-"""Quantized layers: QConv2d, QLinear (gradients bifurcation), RangeBatchNorm2d, QBatchNorm2d.
+"""Quantized layers: QConv1d/2d/3d, QLinear (gradients bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
 
 Each layer type keeps its arithmetic in one autograd Function; the products it needs live in
 an Ops object (ConvOps, LinearOps), which is the seam where an integer backend plugs in.
@@ -196,9 +196,12 @@ class ActivationRange(nn.Module):
 # ---- products ---------------------------------------------------------------------------------
 
 
+_CONV_FORWARD = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 @dataclass(frozen=True)
 class ConvOps:
-    """The three products of a 2-d convolution."""
+    """The three products of a 1-, 2- or 3-d convolution (as many spatial dims as `stride` has)."""
 
     stride: tuple
     padding: tuple
@@ -206,12 +209,12 @@ class ConvOps:
     groups: int
 
     def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+        return _CONV_FORWARD[len(self.stride)](x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def _backward(self, g: Tensor, x: Tensor, w: Tensor, mask: list) -> tuple:
         # The real input and weight, not expanded stand-ins: the backend would copy those.
         return torch.ops.aten.convolution_backward(
-            g, x, w, None, self.stride, self.padding, self.dilation, False, [0, 0], self.groups, mask
+            g, x, w, None, self.stride, self.padding, self.dilation, False, [0] * len(self.stride), self.groups, mask
         )
 
     def grad_input(self, g: Tensor, x: Tensor, w: Tensor) -> Tensor:
@@ -222,7 +225,7 @@ class ConvOps:
 
     @staticmethod
     def grad_bias(g: Tensor) -> Tensor:
-        return g.sum((0, 2, 3))
+        return g.sum([0] + list(range(2, g.dim())))
 
 
 class LinearOps:
@@ -377,8 +380,9 @@ def _accumulate(total: Optional[Tensor], part: Tensor) -> Tensor:
     return total.add_(part)
 
 
-class QConv2d(ActivationRange, nn.Conv2d):
-    """nn.Conv2d with quantized weights, activations and gradients (gradients bifurcation)."""
+class QConvNd(ActivationRange):
+    """The quantized convolution of any spatial rank, mixed in before nn.Conv1d / 2d / 3d: quantized
+    weights, activations and gradients (gradients bifurcation)."""
 
     def separate_channels(self) -> int:
         # a depthwise convolution: each output sums over one input channel only
@@ -390,24 +394,37 @@ class QConv2d(ActivationRange, nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.spec.is_float:
-            return super().forward(x)  # exactly nn.Conv2d
-        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return super().forward(x)  # exactly the torch layer
+        spatial = len(self.kernel_size)
+        if x.dim() == spatial + 1:  # unbatched (C, ...), as torch's convolutions accept
             return self.forward(x.unsqueeze(0)).squeeze(0)
         lo, hi = self._act_bounds(x)
         padding = self.padding
         if self.padding_mode != "zeros" or isinstance(padding, str):
             mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0, 0)
+            x, padding = F.pad(x, self._reversed_padding_repeated_twice, mode=mode), (0,) * spatial
         ops = ConvOps(self.stride, padding, self.dilation, self.groups)
         return BifurcatedProduct.apply(x, self.weight, self.bias, ops, self.spec, lo, hi, self.probe)
 
     @classmethod
-    def from_float(cls, mod: nn.Conv2d, spec: LayerQuant) -> "QConv2d":
+    def from_float(cls, mod: nn.Module, spec: LayerQuant) -> "QConvNd":
         new = cls(
             mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.dilation,
             mod.groups, mod.bias is not None, mod.padding_mode, spec=spec, device="meta",
         )
         return adopt(new, mod)
+
+
+class QConv1d(QConvNd, nn.Conv1d):
+    """nn.Conv1d, quantized (QConvNd)."""
+
+
+class QConv2d(QConvNd, nn.Conv2d):
+    """nn.Conv2d, quantized (QConvNd)."""
+
+
+class QConv3d(QConvNd, nn.Conv3d):
+    """nn.Conv3d, quantized (QConvNd)."""
 
 
 class QLinear(ActivationRange, nn.Linear):
@@ -758,8 +775,9 @@ class RangeBNFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None, None
 
 
-class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
-    """Shared by the BN variants: running-statistics factor and construction from nn.BatchNorm2d."""
+class _QuantizedNorm(ActivationRange):
+    """Shared by the BN variants (mixed in before nn.BatchNorm1d / 2d / 3d): running-statistics
+    factor and construction from the torch layer."""
 
     def separate_channels(self) -> int:
         return self.num_features  # normalization is per channel
@@ -782,16 +800,17 @@ class _QuantizedNorm(ActivationRange, nn.BatchNorm2d):
         return quantize_grad(_as(y, x.dtype), s.grad_bits, s.grad_rounding, s.grad_range)
 
     @classmethod
-    def from_float(cls, mod: nn.BatchNorm2d, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
+    def from_float(cls, mod: nn.Module, spec: LayerQuant, **kwargs) -> "_QuantizedNorm":
         new = cls(mod.num_features, mod.eps, mod.momentum, mod.affine, mod.track_running_stats,
                   spec=spec, device="meta", **kwargs)
         return adopt(new, mod)
 
 
-class RangeBatchNorm2d(_QuantizedNorm):
-    """Range Batch Normalization (METHOD.md section 3), a drop-in for nn.BatchNorm2d.
+class RangeBatchNormNd(_QuantizedNorm):
+    """Range Batch Normalization (METHOD.md section 3), a drop-in for nn.BatchNorm1d / 2d / 3d
+    (RangeBatchNorm1d / 2d / 3d): statistics per channel (dim 1) over every other dim.
 
-    Parameters and buffers keep nn.BatchNorm2d's names; running_var holds the running mean of
+    Parameters and buffers keep nn.BatchNorm's names; running_var holds the running mean of
     the squared range-based scale, so evaluation is plain BN with running statistics.
     chunks: average the range over that many chunks of each channel (any batch shape).
     constant: "paper" | "reference" | "exact" (see expected_range).
@@ -834,8 +853,9 @@ class RangeBatchNorm2d(_QuantizedNorm):
         return f"{super().extra_repr()}, chunks={self.chunks}, constant={self.constant}"
 
 
-class QBatchNorm2d(_QuantizedNorm):
-    """Standard BN with a quantized input and a quantized output gradient (an ablation)."""
+class QBatchNormNd(_QuantizedNorm):
+    """Standard BN with a quantized input and a quantized output gradient (an ablation), mixed in
+    before nn.BatchNorm1d / 2d / 3d."""
 
     def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
         super().__init__(*args, **kwargs)
@@ -850,3 +870,26 @@ class QBatchNorm2d(_QuantizedNorm):
             x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
         return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding, s.grad_range)
 
+
+class RangeBatchNorm1d(RangeBatchNormNd, nn.BatchNorm1d):
+    """Range BN for (N, C) or (N, C, L) input, a drop-in for nn.BatchNorm1d (RangeBatchNormNd)."""
+
+
+class RangeBatchNorm2d(RangeBatchNormNd, nn.BatchNorm2d):
+    """Range BN for (N, C, H, W) input, a drop-in for nn.BatchNorm2d (RangeBatchNormNd)."""
+
+
+class RangeBatchNorm3d(RangeBatchNormNd, nn.BatchNorm3d):
+    """Range BN for (N, C, D, H, W) input, a drop-in for nn.BatchNorm3d (RangeBatchNormNd)."""
+
+
+class QBatchNorm1d(QBatchNormNd, nn.BatchNorm1d):
+    """nn.BatchNorm1d with quantized input and output gradient (QBatchNormNd)."""
+
+
+class QBatchNorm2d(QBatchNormNd, nn.BatchNorm2d):
+    """nn.BatchNorm2d with quantized input and output gradient (QBatchNormNd)."""
+
+
+class QBatchNorm3d(QBatchNormNd, nn.BatchNorm3d):
+    """nn.BatchNorm3d with quantized input and output gradient (QBatchNormNd)."""

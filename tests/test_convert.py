@@ -8,9 +8,10 @@ import torchvision
 from torch import nn
 
 import q8
-from q8 import QConv2d, QLinear, QuantConfig, RangeBatchNorm2d
+import q8.distributed
+from q8 import QConv1d, QConv2d, QConv3d, QLinear, QuantConfig, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d
 from q8.convert import FLOAT_OF
-from q8.layers import QBatchNorm2d
+from q8.layers import QBatchNorm1d, QBatchNorm2d, QBatchNorm3d
 from q8.models import build
 
 
@@ -92,6 +93,50 @@ def test_converts_a_model_it_was_not_written_for():
     assert tiny(torch.randn(2, 1, 8, 8)).shape == (2, 3)
 
 
+def signal_net() -> nn.Module:
+    """A 1-d convolutional net (audio, sensor signals) with a BatchNorm1d over features, too."""
+    return nn.Sequential(nn.Conv1d(2, 8, 5, padding=2), nn.BatchNorm1d(8), nn.ReLU(), nn.Conv1d(8, 8, 3, stride=2, groups=8),
+                         nn.BatchNorm1d(8), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(8, 16),
+                         nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def volume_net() -> nn.Module:
+    """A 3-d convolutional net (video, medical volumes)."""
+    return nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 3, stride=2),
+                         nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3))
+
+
+@pytest.mark.parametrize("build_net,shape,quantized", [
+    (signal_net, (8, 2, 30), {QConv1d: 2, RangeBatchNorm1d: 3, QLinear: 2}),
+    (volume_net, (4, 1, 6, 7, 8), {QConv3d: 2, RangeBatchNorm3d: 2, QLinear: 1}),
+])
+def test_1d_and_3d_networks_are_quantized_whole_and_train(build_net, shape, quantized):
+    """Conv1d/3d and BatchNorm1d/3d have q8 versions: nothing stays float (strict), a training step
+    is finite, unconvert gives the torch layers back, and norm="batch" keeps standard BN quantized."""
+    torch.manual_seed(0)
+    model = build_net()
+    params = dict(model.named_parameters())
+    q8.convert(model, QuantConfig.preset("int8"), strict=True)
+    kinds = [type(m) for m in model.modules()]
+    assert {k: kinds.count(k) for k in quantized} == quantized and q8.coverage(model).share() == 1
+    assert all(p is params[n] for n, p in model.named_parameters())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    model.eval()
+    assert torch.isfinite(model(x)).all()
+    q8.unconvert(model)
+    assert not any(type(m) in FLOAT_OF for m in model.modules())
+    standard = q8.convert(build_net(), QuantConfig.preset("int8", norm="batch"))
+    assert {type(m) for m in standard.modules()} & {QBatchNorm1d, QBatchNorm3d, RangeBatchNorm1d, RangeBatchNorm3d} \
+        == ({QBatchNorm1d} if build_net is signal_net else {QBatchNorm3d})
+    synced = q8.distributed.sync_norms(q8.convert(build_net(), QuantConfig.preset("fp32", norm="batch")))
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == sum(quantized[k] for k in quantized if "Norm" in k.__name__)
+
+
 def test_convert_a_bare_layer_and_reject_bad_config():
     assert isinstance(q8.convert(nn.Linear(3, 2), QuantConfig()), QLinear)
     with pytest.raises(TypeError, match="QuantConfig"):
@@ -153,14 +198,14 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.conv1d = nn.Conv1d(8, 8, 3, padding=1)
+        self.deconv = nn.ConvTranspose1d(8, 8, 3, padding=1)
         self.norm = nn.LayerNorm(8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
         x = self.conv(x).flatten(2)  # [B, 8, HW]
-        x = self.conv1d(x).transpose(1, 2)  # [B, HW, 8]
+        x = self.deconv(x).transpose(1, 2)  # [B, HW, 8]
         x = self.norm(x)
         x = self.attn(x, x, x, need_weights=False)[0]
         return self.fc(x.mean(1))
@@ -172,7 +217,7 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
         q8.convert(model, QuantConfig())
     report = q8.coverage(model)
     assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1}
-    assert dict(report.unsupported) == {"Conv1d": 1, "LayerNorm": 1, "MultiheadAttention": 1}
+    assert dict(report.unsupported) == {"ConvTranspose1d": 1, "LayerNorm": 1, "MultiheadAttention": 1}
     attn_params = sum(p.numel() for p in model.attn.parameters())
     assert report.params["unsupported", "MultiheadAttention"] == attn_params
     quantized = sum(p.numel() for m in (model.conv, model.fc) for p in m.parameters())

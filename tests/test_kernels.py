@@ -144,15 +144,16 @@ def test_a_failing_compiler_falls_back_to_eager_with_one_warning(backend, monkey
     assert torch.equal(q, quantize_tensor(x, 8, "nearest"))
 
 
-@pytest.mark.parametrize("chunks", [1, 4])
-def test_fused_range_bn_backward_equals_the_op_by_op_one(backend, monkeypatch, chunks):
+@pytest.mark.parametrize("chunks,shape", [(1, (8, 6, 5, 7)), (4, (8, 6, 5, 7)), (4, (16, 6))])
+def test_fused_range_bn_backward_equals_the_op_by_op_one(backend, monkeypatch, chunks, shape):
     """Same rounding stream, same quantized gradient: the two fused passes (no full-size temporary)
     give the op-by-op backward's input, scale and shift gradients up to summation order."""
     backend("compiled")
     torch.manual_seed(0)
-    bn = q8.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(6)), q8.QuantConfig.preset("int8", range_bn_chunks=chunks))[0]
-    x = (torch.randn(8, 6, 5, 7) * torch.linspace(0.2, 5, 6).view(1, -1, 1, 1)).requires_grad_()
-    g = torch.randn(8, 6, 5, 7)
+    norm = torch.nn.BatchNorm2d(6) if len(shape) == 4 else torch.nn.BatchNorm1d(6)
+    bn = q8.convert(torch.nn.Sequential(norm), q8.QuantConfig.preset("int8", range_bn_chunks=chunks))[0]
+    x = (torch.randn(shape) * torch.linspace(0.2, 5, 6).view((1, -1) + (1,) * (len(shape) - 2))).requires_grad_()
+    g = torch.randn(shape)
     grads = {}
     for fused in (True, False):
         monkeypatch.setattr(q8.layers, "_fused_range_bn_backward", lambda ctx, g, on=fused: on and ctx.has_codes)

@@ -1,4 +1,4 @@
-"""QConv2d / QLinear: forward once, gradients bifurcation by hand, SQNR floors, stored codes."""
+"""QConv1d/2d/3d / QLinear: forward once, gradients bifurcation by hand, SQNR floors, stored codes."""
 
 import importlib
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 import q8
 import q8.models
-from q8 import LayerQuant, QConv2d, QLinear
+from q8 import LayerQuant, QConv1d, QConv2d, QConv3d, QLinear
 from q8.quantize import channel_sample_mean_range, fake_quantize, quantize_tensor
 
 PAPER = LayerQuant()  # 8-bit W/A/G, 16-bit weight-gradient copy
@@ -50,6 +50,33 @@ def test_conv_forward_and_gradients_match_the_formulas(stride):
     assert torch.allclose(x.grad, gx, atol=1e-5)
     assert torch.allclose(conv.weight.grad, gw, atol=1e-4)
     assert torch.allclose(conv.bias.grad, gb, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,spatial", [(QConv1d, (11,)), (QConv3d, (5, 6, 7))])
+def test_conv1d_and_conv3d_match_the_formulas_on_batched_and_unbatched_input(kind, spatial):
+    """The bifurcated product of any spatial rank: forward on the 8-bit input and weight, the input
+    gradient from the 8-bit copy of g, weight and bias gradients from the 16-bit copy (autograd of
+    the float convolution applied to the quantized tensors)."""
+    conv = kind(3, 5, 3, stride=2, padding=1, spec=PAPER)
+    x = torch.randn((4, 3) + spatial, requires_grad=True)
+    out = conv(x)
+    g = torch.randn_like(out)
+    torch.manual_seed(7)
+    out.backward(g)
+    lo, hi = q8.sample_mean_range(x)
+    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi).requires_grad_()
+    wq = q8.quantize(conv.weight.detach(), 8).requires_grad_()
+    b = conv.bias.detach().clone().requires_grad_()
+    g8, g16 = bifurcated_copies(g, PAPER, seed=7)
+    ref = getattr(F, f"conv{len(spatial)}d")(xq, wq, b, stride=2, padding=1)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(x.grad, torch.autograd.grad(ref, xq, g8, retain_graph=True)[0], atol=1e-5)
+    gw, gb = torch.autograd.grad(ref, (wq, b), g16)
+    assert torch.allclose(conv.weight.grad, gw, atol=1e-4) and torch.allclose(conv.bias.grad, gb, atol=1e-4)
+    assert conv(x[0].detach()).shape == out.shape[1:]  # unbatched (C, ...), as torch's layer takes it
+    float_conv = getattr(nn, f"Conv{len(spatial)}d")(3, 4, 3, padding=1, padding_mode="reflect")
+    only_grads = kind.from_float(float_conv, LayerQuant(None, None, 16, 16))
+    assert torch.allclose(only_grads(x), float_conv(x), atol=1e-6)
 
 
 def test_linear_gradients_match_matmul_and_accept_leading_dims():

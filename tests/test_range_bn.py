@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import q8
-from q8 import LayerQuant, RangeBatchNorm2d
+from q8 import LayerQuant, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d
 from q8.layers import REFERENCE_FACTOR, QBatchNorm2d, chunk_sizes, expected_range
 
 
@@ -30,7 +30,7 @@ def reference_range_bn(x, weight, bias, chunks, constant, eps=1e-5, range_of=Non
         divisor = sum(expected_range(p.shape[1]) for p in parts) / k
     sigma = rng / divisor
     mean = v.mean(1)
-    shape = (1, C, 1, 1)
+    shape = (1, C) + (1,) * (x.dim() - 2)
     y = (x - mean.view(shape)) / torch.sqrt(sigma**2 + eps).view(shape)
     return y * weight.view(shape) + bias.view(shape), mean, sigma**2
 
@@ -59,6 +59,29 @@ def test_matches_hand_written_reference(constant, chunks, shape):
     assert torch.allclose(y, ref, atol=1e-10)
     assert torch.allclose(bn.running_mean, 0.1 * mean)
     assert torch.allclose(bn.running_var, 0.9 + 0.1 * var)
+
+
+@pytest.mark.parametrize("kind,shape", [(RangeBatchNorm1d, (24, 3)), (RangeBatchNorm1d, (6, 3, 5)),
+                                        (RangeBatchNorm3d, (4, 2, 3, 4, 5))])
+@pytest.mark.parametrize("chunks", [1, 4, 5])
+def test_1d_and_3d_inputs_match_the_reference_and_gradcheck(kind, shape, chunks):
+    """Range BN is the same formula over every dim but the channel's: (N, C) and (N, C, L) for
+    BatchNorm1d, (N, C, D, H, W) for BatchNorm3d (chunks of whole samples, and of any size)."""
+    bn = kind(shape[1], chunks=chunks).double()
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).requires_grad_()
+    y = bn(x)
+    ref, mean, var = reference_range_bn(x, bn.weight, bn.bias, chunks, "exact")
+    assert torch.allclose(y, ref, atol=1e-10)
+    assert torch.allclose(bn.running_var, 0.9 + 0.1 * var)
+    g = torch.randn_like(y)
+    assert torch.allclose(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0], atol=1e-9)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: q8.layers.RangeBNFunction.apply(x, w, b, None, None, 0.0, bn.eps, chunks, "exact", None, None, None),
+        (x.detach().requires_grad_(), bn.weight, bn.bias))
+    with pytest.raises(ValueError, match="expected 2D or 3D input|expected 5D input"):
+        bn(torch.randn(2, shape[1], 2, 2, dtype=torch.float64))  # a 4-d input is BatchNorm2d's
 
 
 def test_output_std_per_constant_on_gaussian_input():
