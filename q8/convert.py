@@ -223,30 +223,31 @@ class Coverage:
 def coverage(model: nn.Module) -> Coverage:
     """Which layers of `model` are quantized, which stay float by the config, and which stay
     float because q8 has no quantized version of their type (by type, with parameter counts).
-    An unsupported module counts as one, with everything inside it (MultiheadAttention and its
-    out_proj, which its functional forward reads directly)."""
+    Every module counts its own parameters (a parametrized layer: its parametrizations'
+    originals too), and the layers inside a module q8 has no version of are counted each on its
+    own: a block that holds a parameter of its own (ConvNeXt's layer scale) besides quantized
+    convolutions and linears reports those as quantized."""
     report = Coverage()
+    seen: set[int] = set()
 
     def visit(module: nn.Module) -> None:
+        if id(module) in seen or isinstance(module, parametrize.ParametrizationList):
+            return  # a shared module counts once; parametrizations count with their layer
+        seen.add(id(module))
         kind = _base_type(module)
         if parametrize.is_parametrized(module):
-            own = sum(p.numel() for p in module.parameters())  # the parametrizations' originals too
+            own = sum(p.numel() for p in module.parameters())
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
-        if kind not in SUPPORTED and own and not isinstance(module, parametrize.ParametrizationList):
-            report.unsupported[kind.__name__] += 1
-            report.params["unsupported", kind.__name__] += sum(p.numel() for p in module.parameters())
-            return
         if own:
-            # Range BN in float is float too: nothing of it is quantized
-            key = "quantized" if isinstance(module, ActivationRange) and not module.spec.is_float else "float_by_config"
+            if kind not in SUPPORTED:
+                key = "unsupported"
+            else:  # Range BN in float is float too: nothing of it is quantized
+                key = "quantized" if isinstance(module, ActivationRange) and not module.spec.is_float else "float_by_config"
             getattr(report, key)[kind.__name__] += 1
             report.params[key, kind.__name__] += own
-            return
         for child in module.children():
             visit(child)
 
     visit(model)
     return report
-
-

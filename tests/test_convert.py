@@ -217,19 +217,48 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
         q8.convert(model, QuantConfig())
     report = q8.coverage(model)
     assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1}
-    assert dict(report.unsupported) == {"ConvTranspose1d": 1, "LayerNorm": 1, "MultiheadAttention": 1}
+    # MultiheadAttention's out_proj is a Linear subclass (its forward is never called): not swapped
+    assert dict(report.unsupported) == {"ConvTranspose1d": 1, "LayerNorm": 1, "MultiheadAttention": 1,
+                                        "NonDynamicallyQuantizableLinear": 1}
     attn_params = sum(p.numel() for p in model.attn.parameters())
-    assert report.params["unsupported", "MultiheadAttention"] == attn_params
+    assert report.params["unsupported", "MultiheadAttention"] + report.params[
+        "unsupported", "NonDynamicallyQuantizableLinear"] == attn_params
     quantized = sum(p.numel() for m in (model.conv, model.fc) for p in m.parameters())
     assert report.share() == pytest.approx(quantized / sum(p.numel() for p in model.parameters()))
     line = report.summary()
-    assert "2 of 5 layers" in line and "MultiheadAttention" in line and "LayerNorm" in line
+    assert "2 of 6 layers" in line and "MultiheadAttention" in line and "LayerNorm" in line
     assert line in caplog.text
     with pytest.raises(ValueError, match="strict.*MultiheadAttention"):
         q8.convert(Mixed(), QuantConfig(), strict=True)
     q8.convert(build("resnet20"), QuantConfig(), strict=True)  # nothing left in float: accepted
     fp32 = q8.coverage(q8.convert(build("resnet20"), QuantConfig.preset("fp32")))
     assert fp32.share() == 0 and not fp32.unsupported and fp32.float_by_config["Conv2d"] == 21
+
+
+class ScaledBlock(nn.Module):
+    """A block holding a parameter of its own beside layers q8 quantizes (ConvNeXt's layer scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((4,), 1e-2))
+        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + self.scale.view(1, -1, 1, 1) * self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def test_coverage_counts_quantized_layers_inside_a_block_it_has_no_version_of():
+    """The block's own parameter stays float and is named; the convolution and linear inside it
+    are quantized and counted so (they were once reported float with their block)."""
+    model = q8.convert(nn.Sequential(ScaledBlock(), ScaledBlock()), QuantConfig())
+    assert isinstance(model[0].conv, QConv2d) and isinstance(model[0].fc, QLinear)
+    report = q8.coverage(model)
+    assert dict(report.quantized) == {"Conv2d": 2, "Linear": 2} and dict(report.unsupported) == {"ScaledBlock": 2}
+    assert report.params["unsupported", "ScaledBlock"] == 8
+    assert report.share() == pytest.approx(1 - 8 / sum(p.numel() for p in model.parameters()))
+    shared = ScaledBlock()
+    assert q8.coverage(nn.Sequential(shared, shared)).unsupported["ScaledBlock"] == 1  # one module, counted once
 
 
 def test_override_that_matches_nothing_names_the_pattern():
