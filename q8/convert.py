@@ -13,14 +13,16 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import QuantConfig
-from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d, QLinear,
-                     QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
+from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
+                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear, QReLU, RangeBatchNorm1d,
+                     RangeBatchNorm2d, RangeBatchNorm3d, adopt)
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 log = logging.getLogger("q8")
 
 # torch layer -> its quantized version(s)
-CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d}
+CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.ConvTranspose1d: QConvTranspose1d,
+         nn.ConvTranspose2d: QConvTranspose2d, nn.ConvTranspose3d: QConvTranspose3d}
 NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d),
          nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
 # q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
@@ -71,8 +73,10 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
     if kind is nn.ReLU:
         return adopt(nn.ReLU(module.inplace), module)
     if kind in CONVS:
-        new = kind(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                   module.dilation, module.groups, module.bias is not None, module.padding_mode, device="meta")
+        extra = dict(output_padding=module.output_padding) if module.transposed else {}
+        new = kind(module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
+                   padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
+                   padding_mode=module.padding_mode, device="meta", **extra)
     elif kind is nn.Linear:
         new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
     else:
@@ -84,7 +88,7 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
 def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Module]:
     """The quantized replacement of one module, or None to keep it.
 
-    Only exact nn.Conv1d/2d/3d, nn.Linear, nn.BatchNorm1d/2d/3d, nn.ReLU (or q8's versions of them, or
+    Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.BatchNorm1d/2d/3d, nn.ReLU (or q8's versions of them, or
     their parametrized forms) are swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
@@ -103,7 +107,8 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
-    """Swap nn.Conv1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d (and nn.ReLU, when anything is quantized)
+    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d (and nn.ReLU,
+    when anything is quantized)
     of `model` in place (post-order) and return it.
 
     The new layers reuse the original Parameter and buffer objects, so parameter names and

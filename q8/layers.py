@@ -1,7 +1,7 @@
-"""Quantized layers: QConv1d/2d/3d, QLinear (gradients bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
+"""Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear (gradients bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
 
 Each layer type keeps its arithmetic in one autograd Function; the products it needs live in
-an Ops object (ConvOps, LinearOps), which is the seam where an integer backend plugs in.
+an Ops object (ConvOps, ConvTransposeOps, LinearOps), which is the seam where an integer backend plugs in.
 """
 
 from __future__ import annotations
@@ -227,6 +227,44 @@ class ConvOps:
     def grad_bias(g: Tensor) -> Tensor:
         return g.sum([0] + list(range(2, g.dim())))
 
+    def out_channels_first(self, w: Tensor) -> Tensor:
+        """The weight with output channels along dim 0 (where per-channel ranges are taken)."""
+        return w
+
+    def from_out_channels_first(self, v: Tensor, like: Tensor) -> Tensor:
+        """The inverse of out_channels_first, shaped like `like`."""
+        return v
+
+
+_CONV_TRANSPOSE_FORWARD = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass(frozen=True)
+class ConvTransposeOps(ConvOps):
+    """The three products of a transposed convolution (the gradient of a convolution as a layer).
+    Its weight is [in, out / groups, ...]: per-output-channel ranges regroup it out-channel first."""
+
+    output_padding: tuple = ()
+
+    def forward(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        return _CONV_TRANSPOSE_FORWARD[len(self.stride)](
+            x, w, b, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+
+    def _backward(self, g: Tensor, x: Tensor, w: Tensor, mask: list) -> tuple:
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, self.stride, self.padding, self.dilation, True, self.output_padding, self.groups, mask
+        )
+
+    def out_channels_first(self, w: Tensor) -> Tensor:
+        g = self.groups
+        grouped = w.reshape((g, w.shape[0] // g) + tuple(w.shape[1:]))  # [g, in/g, out/g, ...]
+        return grouped.transpose(1, 2).reshape((g * w.shape[1], w.shape[0] // g) + tuple(w.shape[2:]))
+
+    def from_out_channels_first(self, v: Tensor, like: Tensor) -> Tensor:
+        g = self.groups
+        grouped = v.reshape((g, like.shape[1], like.shape[0] // g) + tuple(like.shape[2:]))
+        return grouped.transpose(1, 2).reshape(like.shape)
+
 
 class LinearOps:
     """The three products of a linear layer (any number of leading dimensions)."""
@@ -246,6 +284,14 @@ class LinearOps:
     @staticmethod
     def grad_bias(g: Tensor) -> Tensor:
         return g.reshape(-1, g.shape[-1]).sum(0)
+
+    @staticmethod
+    def out_channels_first(w: Tensor) -> Tensor:
+        return w
+
+    @staticmethod
+    def from_out_channels_first(v: Tensor, like: Tensor) -> Tensor:
+        return v
 
 
 def _record(probe: Optional[dict], key: str, full: Tensor, quantized: Tensor) -> None:
@@ -285,7 +331,7 @@ class BifurcatedProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, ops, spec: LayerQuant, act_lo, act_hi, probe):
         dtype = compute_dtype(x)
-        wq = quantize_tensor(weight, spec.weight_bits, spec.weight_rounding, 0 if spec.weight_range == "channel" else None)
+        wq = _quantize_weight(weight, spec, ops)
         ctx.wq, ctx.ops, ctx.spec, ctx.probe = _as(wq, dtype), ops, spec, probe
         ctx.dtype, ctx.x_dtype, ctx.w_dtype, ctx.x_shape = dtype, x.dtype, weight.dtype, x.shape
         ctx.b_dtype = bias.dtype if bias is not None else None
@@ -365,6 +411,14 @@ class BifurcatedProduct(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+def _quantize_weight(weight: Tensor, spec: LayerQuant, ops) -> Tensor:
+    """Q_weight_bits(W) over its whole range, or one range per output channel."""
+    if spec.weight_range != "channel" or spec.weight_bits is None:
+        return quantize_tensor(weight, spec.weight_bits, spec.weight_rounding)
+    per_out = quantize_tensor(ops.out_channels_first(weight), spec.weight_bits, spec.weight_rounding, 0)
+    return ops.from_out_channels_first(per_out, weight)
+
+
 def _saved_input(saved: tuple, dtype: torch.dtype, rows: Optional[slice]) -> Tensor:
     """The layer's quantized input (of these rows), from its saved codes or the saved float input."""
     if len(saved) == 3:
@@ -425,6 +479,51 @@ class QConv2d(QConvNd, nn.Conv2d):
 
 class QConv3d(QConvNd, nn.Conv3d):
     """nn.Conv3d, quantized (QConvNd)."""
+
+
+class QConvTransposeNd(ActivationRange):
+    """The quantized transposed convolution of any spatial rank, mixed in before
+    nn.ConvTranspose1d / 2d / 3d (decoders, upsampling): as QConvNd, with ConvTransposeOps."""
+
+    def separate_channels(self) -> int:
+        return self.in_channels if self.groups == self.in_channels > 1 else 0
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(spec, device=self.weight.device)
+
+    def forward(self, x: Tensor, output_size: Optional[list] = None) -> Tensor:
+        if self.spec.is_float:
+            return super().forward(x, output_size)  # exactly the torch layer
+        spatial = len(self.kernel_size)
+        if x.dim() == spatial + 1:  # unbatched (C, ...), as torch's layers accept
+            size = None if output_size is None else list(output_size)[-spatial:]
+            return self.forward(x.unsqueeze(0), size).squeeze(0)
+        if self.padding_mode != "zeros":
+            raise ValueError(f"{type(self).__name__}: only padding_mode='zeros' (as torch's transposed convolutions)")
+        output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, spatial,
+                                              self.dilation)
+        lo, hi = self._act_bounds(x)
+        ops = ConvTransposeOps(self.stride, self.padding, self.dilation, self.groups, tuple(output_padding))
+        return BifurcatedProduct.apply(x, self.weight, self.bias, ops, self.spec, lo, hi, self.probe)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, spec: LayerQuant) -> "QConvTransposeNd":
+        new = cls(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding, mod.output_padding,
+                  mod.groups, mod.bias is not None, mod.dilation, mod.padding_mode, spec=spec, device="meta")
+        return adopt(new, mod)
+
+
+class QConvTranspose1d(QConvTransposeNd, nn.ConvTranspose1d):
+    """nn.ConvTranspose1d, quantized (QConvTransposeNd)."""
+
+
+class QConvTranspose2d(QConvTransposeNd, nn.ConvTranspose2d):
+    """nn.ConvTranspose2d, quantized (QConvTransposeNd)."""
+
+
+class QConvTranspose3d(QConvTransposeNd, nn.ConvTranspose3d):
+    """nn.ConvTranspose3d, quantized (QConvTransposeNd)."""
 
 
 class QLinear(ActivationRange, nn.Linear):

@@ -9,7 +9,8 @@ from torch import nn
 
 import q8
 import q8.distributed
-from q8 import QConv1d, QConv2d, QConv3d, QLinear, QuantConfig, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d
+from q8 import (QConv1d, QConv2d, QConv3d, QConvTranspose2d, QLinear, QuantConfig, RangeBatchNorm1d, RangeBatchNorm2d,
+                RangeBatchNorm3d)
 from q8.convert import FLOAT_OF
 from q8.layers import QBatchNorm1d, QBatchNorm2d, QBatchNorm3d
 from q8.models import build
@@ -106,13 +107,22 @@ def volume_net() -> nn.Module:
                          nn.BatchNorm3d(4), nn.ReLU(), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 3))
 
 
+def decoder_net() -> nn.Module:
+    """Down- and upsampling (segmentation decoders, U-Nets, generators): a transposed convolution."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 3, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
 @pytest.mark.parametrize("build_net,shape,quantized", [
     (signal_net, (8, 2, 30), {QConv1d: 2, RangeBatchNorm1d: 3, QLinear: 2}),
     (volume_net, (4, 1, 6, 7, 8), {QConv3d: 2, RangeBatchNorm3d: 2, QLinear: 1}),
+    (decoder_net, (4, 1, 10, 10), {QConv2d: 2, QConvTranspose2d: 1, RangeBatchNorm2d: 2}),
 ])
-def test_1d_and_3d_networks_are_quantized_whole_and_train(build_net, shape, quantized):
-    """Conv1d/3d and BatchNorm1d/3d have q8 versions: nothing stays float (strict), a training step
-    is finite, unconvert gives the torch layers back, and norm="batch" keeps standard BN quantized."""
+def test_1d_3d_and_transposed_networks_are_quantized_whole_and_train(build_net, shape, quantized):
+    """Conv1d/3d, ConvTranspose and BatchNorm1d/3d have q8 versions: nothing stays float (strict), a
+    training step is finite, unconvert gives the torch layers back, and norm="batch" keeps standard BN
+    quantized."""
     torch.manual_seed(0)
     model = build_net()
     params = dict(model.named_parameters())
@@ -131,10 +141,12 @@ def test_1d_and_3d_networks_are_quantized_whole_and_train(build_net, shape, quan
     q8.unconvert(model)
     assert not any(type(m) in FLOAT_OF for m in model.modules())
     standard = q8.convert(build_net(), QuantConfig.preset("int8", norm="batch"))
-    assert {type(m) for m in standard.modules()} & {QBatchNorm1d, QBatchNorm3d, RangeBatchNorm1d, RangeBatchNorm3d} \
-        == ({QBatchNorm1d} if build_net is signal_net else {QBatchNorm3d})
+    range_bn = {k for k in quantized if "Norm" in k.__name__}
+    standard_bn = {RangeBatchNorm1d: QBatchNorm1d, RangeBatchNorm2d: QBatchNorm2d, RangeBatchNorm3d: QBatchNorm3d}
+    assert {type(m) for m in standard.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {
+        standard_bn[k] for k in range_bn}
     synced = q8.distributed.sync_norms(q8.convert(build_net(), QuantConfig.preset("fp32", norm="batch")))
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == sum(quantized[k] for k in quantized if "Norm" in k.__name__)
+    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == sum(quantized[k] for k in range_bn)
 
 
 def test_convert_a_bare_layer_and_reject_bad_config():
@@ -198,14 +210,14 @@ class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.deconv = nn.ConvTranspose1d(8, 8, 3, padding=1)
+        self.group_norm = nn.GroupNorm(2, 8)
         self.norm = nn.LayerNorm(8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
         x = self.conv(x).flatten(2)  # [B, 8, HW]
-        x = self.deconv(x).transpose(1, 2)  # [B, HW, 8]
+        x = self.group_norm(x).transpose(1, 2)  # [B, HW, 8]
         x = self.norm(x)
         x = self.attn(x, x, x, need_weights=False)[0]
         return self.fc(x.mean(1))
@@ -218,7 +230,7 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
     report = q8.coverage(model)
     assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1}
     # MultiheadAttention's out_proj is a Linear subclass (its forward is never called): not swapped
-    assert dict(report.unsupported) == {"ConvTranspose1d": 1, "LayerNorm": 1, "MultiheadAttention": 1,
+    assert dict(report.unsupported) == {"GroupNorm": 1, "LayerNorm": 1, "MultiheadAttention": 1,
                                         "NonDynamicallyQuantizableLinear": 1}
     attn_params = sum(p.numel() for p in model.attn.parameters())
     assert report.params["unsupported", "MultiheadAttention"] + report.params[

@@ -1,4 +1,4 @@
-"""QConv1d/2d/3d / QLinear: forward once, gradients bifurcation by hand, SQNR floors, stored codes."""
+"""QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear: forward once, gradients bifurcation by hand, SQNR floors, stored codes."""
 
 import importlib
 import pytest
@@ -8,7 +8,7 @@ from torch import nn
 
 import q8
 import q8.models
-from q8 import LayerQuant, QConv1d, QConv2d, QConv3d, QLinear
+from q8 import LayerQuant, QConv1d, QConv2d, QConv3d, QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear
 from q8.quantize import channel_sample_mean_range, fake_quantize, quantize_tensor
 
 PAPER = LayerQuant()  # 8-bit W/A/G, 16-bit weight-gradient copy
@@ -77,6 +77,49 @@ def test_conv1d_and_conv3d_match_the_formulas_on_batched_and_unbatched_input(kin
     float_conv = getattr(nn, f"Conv{len(spatial)}d")(3, 4, 3, padding=1, padding_mode="reflect")
     only_grads = kind.from_float(float_conv, LayerQuant(None, None, 16, 16))
     assert torch.allclose(only_grads(x), float_conv(x), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,spatial", [(QConvTranspose1d, (9,)), (QConvTranspose2d, (5, 6)), (QConvTranspose3d, (3, 4, 5))])
+def test_transposed_convolutions_match_the_formulas(kind, spatial):
+    """A transposed convolution (strided, grouped, output_padding) is the same bifurcated product:
+    forward on the 8-bit input and weight, the input gradient from the 8-bit copy of g, weight and
+    bias gradients from the 16-bit copy; output_size and unbatched input work as in torch."""
+    conv = kind(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, spec=PAPER)
+    x = torch.randn((3, 4) + spatial, requires_grad=True)
+    out = conv(x)
+    g = torch.randn_like(out)
+    torch.manual_seed(7)
+    out.backward(g)
+    lo, hi = q8.sample_mean_range(x)
+    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi).requires_grad_()
+    wq = q8.quantize(conv.weight.detach(), 8).requires_grad_()
+    b = conv.bias.detach().clone().requires_grad_()
+    g8, g16 = bifurcated_copies(g, PAPER, seed=7)
+    ref = getattr(F, f"conv_transpose{len(spatial)}d")(xq, wq, b, stride=2, padding=1, output_padding=1, groups=2)
+    assert out.shape == ref.shape == (3, 6) + tuple(2 * n for n in spatial)
+    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(x.grad, torch.autograd.grad(ref, xq, g8, retain_graph=True)[0], atol=1e-5)
+    gw, gb = torch.autograd.grad(ref, (wq, b), g16)
+    assert torch.allclose(conv.weight.grad, gw, atol=1e-4) and torch.allclose(conv.bias.grad, gb, atol=1e-4)
+    smaller = [2 * n - 1 for n in spatial]  # output_size picks the output padding, as in torch
+    assert conv(x, output_size=smaller).shape[2:] == tuple(smaller)
+    assert conv(x[0].detach()).shape == out.shape[1:]
+
+
+def test_transposed_convolution_weight_ranges_are_per_output_channel():
+    """Its weight is [in, out / groups, ...]: weight_range="channel" gives each output channel (of
+    each group) its own range, not each input channel."""
+    conv = QConvTranspose2d(4, 6, 3, groups=2, spec=LayerQuant(weight_range="channel"))
+    with torch.no_grad():
+        conv.weight.mul_(torch.logspace(-2, 2, 3).view(1, 3, 1, 1))  # output channel j of each group: its scale
+    probe = conv.probe = {}
+    conv(torch.randn(2, 4, 5, 5))
+    w, wq = probe["weight"]
+    for group in range(2):
+        for j in range(3):
+            rows = slice(2 * group, 2 * group + 2)  # the group's input channels
+            assert torch.equal(wq[rows, j], q8.quantize(w[rows, j], 8))  # one range per output channel
+    assert q8.sqnr_db(w[:, 0], wq[:, 0]) > 40  # the narrowest channel keeps its precision
 
 
 def test_linear_gradients_match_matmul_and_accept_leading_dims():
