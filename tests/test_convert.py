@@ -1,6 +1,7 @@
 """convert(), QuantConfig and the models: keys, identity when disabled, overrides, any model."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -132,6 +133,10 @@ def test_1d_3d_and_transposed_networks_are_quantized_whole_and_train(build_net, 
     assert all(p is params[n] for n, p in model.named_parameters())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(shape), torch.randint(0, 3, (shape[0],))
+    rows = q8.layer_fidelity(model, x, y)  # the diagnostics see every quantized product
+    layers = [n for n, m in model.named_modules() if type(m) in quantized and "Norm" not in type(m).__name__]
+    assert {r["layer"] for r in rows} == set(layers) and all(math.isfinite(r["cosine"]) for r in rows)
+    assert all(r["cosine"] > 0.9 for r in rows if r["kind"] in ("weight", "activation"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
