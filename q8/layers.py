@@ -54,7 +54,9 @@ class GradientCopies:
         self.lo = self.hi = None  # no copy quantized (float layer gradients): no range to measure
         if bits != (None, None):
             self.lo, self.hi = tensor_range(g) if dim is None else channel_range(self.rotated, dim)
-        self.fused = stochastic and dim is None and kernels.fused() and g.numel() > 0
+        # fused for any range but the rotated one (whose copies are rotated back op by op): per-sample
+        # and per-channel ranges broadcast in the kernels as the tensor range does
+        self.fused = stochastic and self.rotation is None and kernels.fused() and g.numel() > 0
         self.seed = rounding_seed(g, "stochastic") if self.fused else None
         self.noise = None
         if stochastic and not self.fused and bits != (None, None):

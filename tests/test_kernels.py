@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import q8
 import q8.models
 from q8 import LayerQuant, kernels
-from q8.layers import gradient_copies
+from q8.layers import GradientCopies, gradient_copies
 from q8.quantize import fake_quantize, quantize_tensor, quantize_with_codes, sample_mean_range
 
 
@@ -73,18 +73,25 @@ def test_one_seed_one_result_and_independent_calls(backend):
         assert abs(torch.corrcoef(torch.stack([ea.flatten(), other.flatten()]))[0, 1]) < 0.05
 
 
-def test_fused_gradient_copies_are_unbiased_and_nearly_independent(backend):
+@pytest.mark.parametrize("grad_range", ["tensor", "sample", "channel"])
+def test_fused_gradient_copies_are_unbiased_and_nearly_independent(backend, grad_range):
+    """Both fused copies stay within one step of their own range's grid (the tensor's, each
+    sample's or each channel's), are unbiased, and their errors are nearly uncorrelated."""
     backend("compiled")
     torch.manual_seed(0)
-    g = torch.randn(64, 48)
+    g = torch.randn(64, 48) * torch.logspace(-2, 1, 64).view(-1, 1)  # samples of very different scale
     g[0, 0] = 8.0
     draws = 1500
     e8, e16 = torch.empty(draws, g.numel()), torch.empty(draws, g.numel())
+    spec = LayerQuant(grad_range=grad_range)
+    assert GradientCopies(g, spec).fused
     for i in range(draws):
-        g_in, g_w = gradient_copies(g, LayerQuant(), True, True)
+        g_in, g_w = gradient_copies(g, spec, True, True)
         e8[i], e16[i] = (g_in - g).flatten(), (g_w - g).flatten()
-    step8, step16 = (g.max() - g.min()) / 255, (g.max() - g.min()) / 65535
-    ulp = 8 * 2.0**-23  # float32 resolution at |g| <= 8
+    lo, hi = {"tensor": (g.min(), g.max()), "sample": (g.amin(1, keepdim=True), g.amax(1, keepdim=True)),
+              "channel": (g.amin(0, keepdim=True), g.amax(0, keepdim=True))}[grad_range]
+    step8, step16 = ((hi - lo) / 255).expand_as(g).flatten(), ((hi - lo) / 65535).expand_as(g).flatten()
+    ulp = 2 * float(g.abs().max()) * 2.0**-23  # float32 resolution at g's largest value
     assert (e8.abs() < step8 + ulp).all() and (e16.abs() < step16 + ulp).all()
     assert (e8.mean(0).abs() < 4 * (step8 / 2) / draws**0.5 + 1e-6).all()
     assert (e16.mean(0).abs() < 4 * (step16 / 2) / draws**0.5 + 1e-7).all()
