@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import FLOAT_SPEC, ActivationRange, QConvNd, QConvTransposeNd, QLinear
+from .layers import FLOAT_SPEC, ActivationRange, QConvNd, QLinear
 from .quantize import rounding_state, set_rounding_state
 
 KINDS = ("weight", "activation", "layer_grad", "weight_grad")
@@ -45,7 +45,7 @@ def cosine_bound(bits: int, n: int) -> float:
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConvNd, QConvTransposeNd, QLinear))]
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QConvNd, QLinear))]  # transposed convs too
 
 
 @contextmanager

@@ -483,20 +483,13 @@ class QConv3d(QConvNd, nn.Conv3d):
     """nn.Conv3d, quantized (QConvNd)."""
 
 
-class QConvTransposeNd(ActivationRange):
+class QConvTransposeNd(QConvNd):
     """The quantized transposed convolution of any spatial rank, mixed in before
     nn.ConvTranspose1d / 2d / 3d (decoders, upsampling): as QConvNd, with ConvTransposeOps."""
 
-    def separate_channels(self) -> int:
-        return self.in_channels if self.groups == self.in_channels > 1 else 0
-
-    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
-        super().__init__(*args, **kwargs)
-        self._init_quant(spec, device=self.weight.device)
-
     def forward(self, x: Tensor, output_size: Optional[list] = None) -> Tensor:
         if self.spec.is_float:
-            return super().forward(x, output_size)  # exactly the torch layer
+            return super(QConvNd, self).forward(x, output_size)  # exactly the torch layer (past QConvNd's)
         spatial = len(self.kernel_size)
         if x.dim() == spatial + 1:  # unbatched (C, ...), as torch's layers accept
             size = None if output_size is None else list(output_size)[-spatial:]

@@ -104,6 +104,9 @@ def test_transposed_convolutions_match_the_formulas(kind, spatial):
     smaller = [2 * n - 1 for n in spatial]  # output_size picks the output padding, as in torch
     assert conv(x, output_size=smaller).shape[2:] == tuple(smaller)
     assert conv(x[0].detach()).shape == out.shape[1:]
+    torch_conv = getattr(nn, f"ConvTranspose{len(spatial)}d")(4, 6, 3, stride=2, padding=1, groups=2)
+    as_float = kind.from_float(torch_conv, LayerQuant(None, None, None, None))
+    assert torch.equal(as_float(x, output_size=smaller), torch_conv(x, output_size=smaller))  # exactly torch's
 
 
 def test_transposed_convolution_weight_ranges_are_per_output_channel():
