@@ -1,7 +1,8 @@
-"""Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear (gradients bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
+"""Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear (gradients bifurcation),
+RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
 
-Each layer type keeps its arithmetic in one autograd Function; the products it needs live in
-an Ops object (ConvOps, ConvTransposeOps, LinearOps), which is the seam where an integer backend plugs in.
+Each layer type keeps its arithmetic in one autograd Function; the products it needs live in an
+Ops object (ConvOps, ConvTransposeOps, LinearOps), which is the seam where an integer backend plugs in.
 """
 
 from __future__ import annotations
@@ -494,8 +495,6 @@ class QConvTransposeNd(QConvNd):
         if x.dim() == spatial + 1:  # unbatched (C, ...), as torch's layers accept
             size = None if output_size is None else list(output_size)[-spatial:]
             return self.forward(x.unsqueeze(0), size).squeeze(0)
-        if self.padding_mode != "zeros":
-            raise ValueError(f"{type(self).__name__}: only padding_mode='zeros' (as torch's transposed convolutions)")
         output_padding = self._output_padding(x, output_size, self.stride, self.padding, self.kernel_size, spatial,
                                               self.dilation)
         lo, hi = self._act_bounds(x)
