@@ -52,13 +52,10 @@ def test_conv_forward_and_gradients_match_the_formulas(stride):
     assert torch.allclose(conv.bias.grad, gb, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind,spatial", [(QConv1d, (11,)), (QConv3d, (5, 6, 7))])
-def test_conv1d_and_conv3d_match_the_formulas_on_batched_and_unbatched_input(kind, spatial):
-    """The bifurcated product of any spatial rank: forward on the 8-bit input and weight, the input
-    gradient from the 8-bit copy of g, weight and bias gradients from the 16-bit copy (autograd of
-    the float convolution applied to the quantized tensors)."""
-    conv = kind(3, 5, 3, stride=2, padding=1, spec=PAPER)
-    x = torch.randn((4, 3) + spatial, requires_grad=True)
+def check_against_autograd(conv, x, float_op):
+    """Assert a PAPER-spec layer's output and gradients equal autograd of float_op(xq, wq, b) on the
+    quantized input and weight: the input gradient from the 8-bit copy of g, weight and bias
+    gradients from the 16-bit copy. Returns the layer's output."""
     out = conv(x)
     g = torch.randn_like(out)
     torch.manual_seed(7)
@@ -68,11 +65,23 @@ def test_conv1d_and_conv3d_match_the_formulas_on_batched_and_unbatched_input(kin
     wq = q8.quantize(conv.weight.detach(), 8).requires_grad_()
     b = conv.bias.detach().clone().requires_grad_()
     g8, g16 = bifurcated_copies(g, PAPER, seed=7)
-    ref = getattr(F, f"conv{len(spatial)}d")(xq, wq, b, stride=2, padding=1)
-    assert torch.allclose(out, ref, atol=1e-5)
+    ref = float_op(xq, wq, b)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
     assert torch.allclose(x.grad, torch.autograd.grad(ref, xq, g8, retain_graph=True)[0], atol=1e-5)
     gw, gb = torch.autograd.grad(ref, (wq, b), g16)
     assert torch.allclose(conv.weight.grad, gw, atol=1e-4) and torch.allclose(conv.bias.grad, gb, atol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("kind,spatial", [(QConv1d, (11,)), (QConv3d, (5, 6, 7))])
+def test_conv1d_and_conv3d_match_the_formulas_on_batched_and_unbatched_input(kind, spatial):
+    """The bifurcated product of any spatial rank: forward on the 8-bit input and weight, the input
+    gradient from the 8-bit copy of g, weight and bias gradients from the 16-bit copy (autograd of
+    the float convolution applied to the quantized tensors)."""
+    conv = kind(3, 5, 3, stride=2, padding=1, spec=PAPER)
+    x = torch.randn((4, 3) + spatial, requires_grad=True)
+    op = getattr(F, f"conv{len(spatial)}d")
+    out = check_against_autograd(conv, x, lambda xq, wq, b: op(xq, wq, b, stride=2, padding=1))
     assert conv(x[0].detach()).shape == out.shape[1:]  # unbatched (C, ...), as torch's layer takes it
     float_conv = getattr(nn, f"Conv{len(spatial)}d")(3, 4, 3, padding=1, padding_mode="reflect")
     only_grads = kind.from_float(float_conv, LayerQuant(None, None, 16, 16))
@@ -86,21 +95,9 @@ def test_transposed_convolutions_match_the_formulas(kind, spatial):
     bias gradients from the 16-bit copy; output_size and unbatched input work as in torch."""
     conv = kind(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, spec=PAPER)
     x = torch.randn((3, 4) + spatial, requires_grad=True)
-    out = conv(x)
-    g = torch.randn_like(out)
-    torch.manual_seed(7)
-    out.backward(g)
-    lo, hi = q8.sample_mean_range(x)
-    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi).requires_grad_()
-    wq = q8.quantize(conv.weight.detach(), 8).requires_grad_()
-    b = conv.bias.detach().clone().requires_grad_()
-    g8, g16 = bifurcated_copies(g, PAPER, seed=7)
-    ref = getattr(F, f"conv_transpose{len(spatial)}d")(xq, wq, b, stride=2, padding=1, output_padding=1, groups=2)
-    assert out.shape == ref.shape == (3, 6) + tuple(2 * n for n in spatial)
-    assert torch.allclose(out, ref, atol=1e-5)
-    assert torch.allclose(x.grad, torch.autograd.grad(ref, xq, g8, retain_graph=True)[0], atol=1e-5)
-    gw, gb = torch.autograd.grad(ref, (wq, b), g16)
-    assert torch.allclose(conv.weight.grad, gw, atol=1e-4) and torch.allclose(conv.bias.grad, gb, atol=1e-4)
+    op = getattr(F, f"conv_transpose{len(spatial)}d")
+    out = check_against_autograd(conv, x, lambda xq, wq, b: op(xq, wq, b, stride=2, padding=1, output_padding=1, groups=2))
+    assert out.shape == (3, 6) + tuple(2 * n for n in spatial)
     smaller = [2 * n - 1 for n in spatial]  # output_size picks the output padding, as in torch
     assert conv(x, output_size=smaller).shape[2:] == tuple(smaller)
     assert conv(x[0].detach()).shape == out.shape[1:]
