@@ -10,12 +10,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from torch import nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
 from .config import QuantConfig
 from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
-                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear, QReLU, RangeBatchNorm1d,
-                     RangeBatchNorm2d, RangeBatchNorm3d, adopt)
+                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear, QMultiheadAttention, QReLU,
+                     RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 log = logging.getLogger("q8")
@@ -26,9 +27,33 @@ CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.ConvTran
 NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d),
          nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
 # q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
-FLOAT_OF = {QLinear: nn.Linear, QReLU: nn.ReLU, **{q: kind for kind, q in CONVS.items()},
-            **{q: kind for kind, pair in NORMS.items() for q in pair}}
-SUPPORTED = (nn.Linear, nn.ReLU, *CONVS, *NORMS)
+FLOAT_OF = {QLinear: nn.Linear, QReLU: nn.ReLU, QMultiheadAttention: nn.MultiheadAttention,
+            **{q: kind for kind, q in CONVS.items()}, **{q: kind for kind, pair in NORMS.items() for q in pair}}
+SUPPORTED = (nn.Linear, nn.ReLU, nn.MultiheadAttention, *CONVS, *NORMS)
+# layers whose forward reads their children's weights directly (attention's out_proj): converted,
+# counted and unconverted whole, with their children
+WHOLE = (nn.MultiheadAttention,)
+
+
+# torch's fused float inference paths (evaluation under no_grad) that read their children's
+# weights directly, each with the attribute that turns it off: a quantized child would be skipped
+FUSED_INFERENCE = {nn.TransformerEncoderLayer: ("activation_relu_or_gelu", 0),
+                   nn.TransformerEncoder: ("use_nested_tensor", False)}
+
+
+def _fused_inference(model: nn.Module) -> None:
+    """Turn torch's fused inference paths off in modules holding a quantized layer, and back on
+    (as they were) in modules that no longer hold one."""
+    for module in model.modules():
+        for kind, (attr, off) in FUSED_INFERENCE.items():
+            if not isinstance(module, kind) or not hasattr(module, attr):
+                continue
+            quantized = any(isinstance(m, ActivationRange) and not m.spec.is_float for m in module.modules())
+            if quantized and "_q8_fused" not in vars(module):
+                module._q8_fused = getattr(module, attr)
+                setattr(module, attr, off)
+            elif not quantized and "_q8_fused" in vars(module):
+                setattr(module, attr, vars(module).pop("_q8_fused"))
 
 
 def _base_type(module: nn.Module) -> type:
@@ -58,6 +83,8 @@ def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.M
         return CONVS[kind].from_float(module, spec)
     if kind is nn.Linear:
         return QLinear.from_float(module, spec)
+    if kind is nn.MultiheadAttention:
+        return QMultiheadAttention.from_float(module, spec)
     range_bn, standard_bn = NORMS[kind]
     if config.norm == "range":
         return range_bn.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
@@ -79,6 +106,14 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
                    padding_mode=module.padding_mode, device="meta", **extra)
     elif kind is nn.Linear:
         new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
+    elif kind is nn.MultiheadAttention:
+        new = adopt(nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
+                                          module.bias_k is not None, module.add_zero_attn, module.kdim, module.vdim,
+                                          module.batch_first, device="meta"), module)
+        out = module.out_proj
+        new.out_proj = adopt(NonDynamicallyQuantizableLinear(out.in_features, out.out_features, out.bias is not None,
+                                                             device="meta"), out)
+        return new
     else:
         new = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                    device="meta")
@@ -88,8 +123,8 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
 def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Module]:
     """The quantized replacement of one module, or None to keep it.
 
-    Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.BatchNorm1d/2d/3d, nn.ReLU (or q8's versions of them, or
-    their parametrized forms) are swapped: a subclass may change forward in ways a quantized
+    Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.BatchNorm1d/2d/3d,
+    nn.ReLU (or q8's versions of them, or their parametrized forms) are swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
     kind = _base_type(module)
@@ -107,9 +142,9 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
-    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear and nn.BatchNorm1d/2d/3d (and nn.ReLU,
-    when anything is quantized)
-    of `model` in place (post-order) and return it.
+    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention and
+    nn.BatchNorm1d/2d/3d (and nn.ReLU, when anything is quantized) of `model` in place (post-order)
+    and return it; torch's fused float inference paths above a quantized layer are turned off.
 
     The new layers reuse the original Parameter and buffer objects, so parameter names and
     optimizer references stay valid (each quantized layer adds one `act_range` buffer to the
@@ -135,7 +170,7 @@ def convert(
                                  "give them different quantization; give them one")
             return new
         for name, child in list(module._modules.items()):  # named_children() hides a second name
-            if child is None:
+            if child is None or isinstance(module, WHOLE):
                 continue
             fqn = f"{prefix}.{name}" if prefix else name
             new = visit(child, fqn)
@@ -150,6 +185,7 @@ def convert(
         return result
 
     model = visit(model, "")
+    _fused_inference(model)
     unused = [p for p in config.overrides if p not in matched]
     if unused:
         names = [n for n, m in model.named_modules() if _base_type(m) in SUPPORTED and _base_type(m) is not nn.ReLU]
@@ -172,7 +208,7 @@ def unconvert(model: nn.Module) -> nn.Module:
         if id(module) in done:
             return done[id(module)]
         for name, child in list(module._modules.items()):
-            if child is None:
+            if child is None or isinstance(module, WHOLE):
                 continue
             new = visit(child)
             if new is not child:
@@ -182,7 +218,9 @@ def unconvert(model: nn.Module) -> nn.Module:
             parametrize.is_parametrized(module) and type(module).__bases__[0] in FLOAT_OF) else module
         return done[id(module)]
 
-    return visit(model)
+    model = visit(model)
+    _fused_inference(model)
+    return model
 
 
 def float_state_dict(state_dict: dict) -> dict:
@@ -240,7 +278,7 @@ def coverage(model: nn.Module) -> Coverage:
             return  # a shared module counts once; parametrizations count with their layer
         seen.add(id(module))
         kind = _base_type(module)
-        if parametrize.is_parametrized(module):
+        if parametrize.is_parametrized(module) or isinstance(module, WHOLE):
             own = sum(p.numel() for p in module.parameters())
         else:
             own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -251,8 +289,9 @@ def coverage(model: nn.Module) -> Coverage:
                 key = "quantized" if isinstance(module, ActivationRange) and not module.spec.is_float else "float_by_config"
             getattr(report, key)[kind.__name__] += 1
             report.params[key, kind.__name__] += own
-        for child in module.children():
-            visit(child)
+        if not isinstance(module, WHOLE):
+            for child in module.children():
+                visit(child)
 
     visit(model)
     return report

@@ -1,8 +1,8 @@
-"""Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear (gradients bifurcation),
-RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
+"""Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear, QMultiheadAttention (gradients
+bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
 
 Each layer type keeps its arithmetic in one autograd Function; the products it needs live in an
-Ops object (ConvOps, ConvTransposeOps, LinearOps), which is the seam where an integer backend plugs in.
+Ops object (ConvOps, ConvTransposeOps, LinearOps, PackedLinearOps), which is the seam where an integer backend plugs in.
 """
 
 from __future__ import annotations
@@ -272,6 +272,8 @@ class ConvTransposeOps(ConvOps):
 class LinearOps:
     """The three products of a linear layer (any number of leading dimensions)."""
 
+    parts = 1  # layers packed in the weight along dim 0, each with a weight range of its own
+
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
         return F.linear(x, w, b)
@@ -295,6 +297,15 @@ class LinearOps:
     @staticmethod
     def from_out_channels_first(v: Tensor, like: Tensor) -> Tensor:
         return v
+
+
+@dataclass(frozen=True)
+class PackedLinearOps(LinearOps):
+    """LinearOps over a weight that packs `parts` layers' weights along dim 0 (attention's query,
+    key and value projections in one product): each part is quantized over its own range, as if
+    it were its own layer."""
+
+    parts: int = 1
 
 
 def _record(probe: Optional[dict], key: str, full: Tensor, quantized: Tensor) -> None:
@@ -415,8 +426,11 @@ class BifurcatedProduct(torch.autograd.Function):
 
 
 def _quantize_weight(weight: Tensor, spec: LayerQuant, ops) -> Tensor:
-    """Q_weight_bits(W) over its whole range, or one range per output channel."""
+    """Q_weight_bits(W) over its whole range (each packed layer's own), or one range per output channel."""
     if spec.weight_range != "channel" or spec.weight_bits is None:
+        parts = getattr(ops, "parts", 1)
+        if parts > 1 and spec.weight_bits is not None:
+            return quantize_tensor(weight.reshape(parts, -1), spec.weight_bits, spec.weight_rounding, 0).view_as(weight)
         return quantize_tensor(weight, spec.weight_bits, spec.weight_rounding)
     per_out = quantize_tensor(ops.out_channels_first(weight), spec.weight_bits, spec.weight_rounding, 0)
     return ops.from_out_channels_first(per_out, weight)
@@ -537,6 +551,129 @@ class QLinear(ActivationRange, nn.Linear):
     def from_float(cls, mod: nn.Linear, spec: LayerQuant) -> "QLinear":
         new = cls(mod.in_features, mod.out_features, mod.bias is not None, spec=spec, device="meta")
         return adopt(new, mod)
+
+
+class InputRange(ActivationRange):
+    """The running range of one more input of a layer with several (attention's key and value)."""
+
+    def __init__(self, spec: LayerQuant, device=None):
+        super().__init__()
+        self._init_quant(spec, device=device)
+
+
+def _additive_mask(mask: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A boolean mask (True: may not attend) or an additive float mask, as an additive float mask."""
+    if mask is None or mask.is_floating_point():
+        return None if mask is None else mask.to(dtype)
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+
+
+class QMultiheadAttention(ActivationRange, nn.MultiheadAttention):
+    """nn.MultiheadAttention whose four projections are quantized products with gradients
+    bifurcation: the query, key and value projections (three layers with a weight range each,
+    one product when they share one input) and out_proj (a QLinear). The attention products
+    themselves (softmax(q k^T / sqrt(d)) v, activation by activation, no weight) run in float in
+    the product dtype, as torchao's float8 training leaves them. Its act_range is the query's;
+    a key and value of their own take key_range and value_range. Same arguments, masks,
+    dropout, bias_k / bias_v, add_zero_attn and outputs as the torch layer."""
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        device = self.out_proj.weight.device
+        self._init_quant(spec, device=device)
+        self.key_range, self.value_range = InputRange(spec, device), InputRange(spec, device)
+        self.out_proj = QLinear.from_float(self.out_proj, spec)
+
+    def _project(self, x: Tensor, weight: Tensor, bias: Optional[Tensor], parts: int, source: ActivationRange) -> Tensor:
+        lo, hi = source._act_bounds(x)
+        ops = LinearOps if parts == 1 else PackedLinearOps(parts)
+        return BifurcatedProduct.apply(x, weight, bias, ops, self.spec, lo, hi, None)
+
+    def _projections(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        e, b = self.embed_dim, self.in_proj_bias
+        bias = [None] * 3 if b is None else [b[:e], b[e:2 * e], b[2 * e:]]
+        if not self._qkv_same_embed_dim:
+            weights = [self.q_proj_weight, self.k_proj_weight, self.v_proj_weight]
+        else:
+            w = self.in_proj_weight
+            if query is key and key is value:  # self-attention: one product over the packed weight
+                return self._project(query, w, b, 3, self).chunk(3, dim=-1)
+            if key is value:
+                k, v = self._project(key, w[e:], None if b is None else b[e:], 2, self.key_range).chunk(2, dim=-1)
+                return self._project(query, w[:e], bias[0], 1, self), k, v
+            weights = [w[:e], w[e:2 * e], w[2 * e:]]
+        return (self._project(query, weights[0], bias[0], 1, self), self._project(key, weights[1], bias[1], 1, self.key_range),
+                self._project(value, weights[2], bias[2], 1, self.value_range))
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> tuple[Tensor, Optional[Tensor]]:
+        if self.spec.is_float:
+            return super().forward(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights,
+                                   is_causal)
+        if is_causal and attn_mask is None:
+            raise RuntimeError("QMultiheadAttention: is_causal=True is a hint that attn_mask is the causal mask; "
+                               "pass attn_mask as well (as torch's MultiheadAttention needs)")
+        batched = query.dim() == 3
+        same_kv, same_qk = key is value, query is key
+        if not batched:  # (L, E): one sample
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
+        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        # keep the identities that say which inputs are one tensor (transposes made new ones)
+        key = query if same_qk else key
+        value = key if same_kv else value
+        q, k, v = self._projections(query, key, value)
+        n, length, e = q.shape
+        heads, d = self.num_heads, self.head_dim
+        dtype = q.dtype
+        mask = _additive_mask(attn_mask, dtype)
+        if mask is not None and mask.dim() == 3:  # (N * heads, L, S)
+            mask = mask.view(n, heads, length, -1)
+        pad = _additive_mask(key_padding_mask, dtype)
+        if self.bias_k is not None:  # one more key and value, learned, that every query sees
+            k = torch.cat([k, self.bias_k.to(dtype).expand(n, 1, e)], dim=1)
+            v = torch.cat([v, self.bias_v.to(dtype).expand(n, 1, e)], dim=1)
+            mask = None if mask is None else F.pad(mask, (0, 1))
+            pad = None if pad is None else F.pad(pad, (0, 1))
+        q, k, v = (t.reshape(n, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (N, heads, ., d)
+        if self.add_zero_attn:  # one more key and value, all zero
+            k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
+            mask = None if mask is None else F.pad(mask, (0, 1))
+            pad = None if pad is None else F.pad(pad, (0, 1))
+        if pad is not None:
+            pad = pad.view(n, 1, 1, -1)
+            mask = pad if mask is None else mask + pad
+        p = self.dropout if self.training else 0.0
+        weights = None
+        if need_weights:
+            scores = torch.matmul(q * (1.0 / math.sqrt(d)), k.transpose(-2, -1))
+            weights = torch.softmax(scores if mask is None else scores + mask, dim=-1)
+            if p > 0:
+                weights = F.dropout(weights, p)
+            out = torch.matmul(weights, v)
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        out = self.out_proj(out.transpose(1, 2).reshape(n, length, e))
+        if not batched:
+            return out.squeeze(0), None if weights is None else weights.squeeze(0)
+        return out if self.batch_first else out.transpose(0, 1), weights
+
+    @classmethod
+    def from_float(cls, mod: nn.MultiheadAttention, spec: LayerQuant) -> "QMultiheadAttention":
+        new = cls(mod.embed_dim, mod.num_heads, mod.dropout, mod.in_proj_bias is not None, mod.bias_k is not None,
+                  mod.add_zero_attn, mod.kdim, mod.vdim, mod.batch_first, spec=spec, device="meta")
+        adopt(new, mod)
+        for name in ("key_range", "value_range"):  # a converted layer's ranges stay
+            if isinstance(getattr(mod, name, None), InputRange):
+                setattr(new, name, adopt(InputRange(spec, "meta"), getattr(mod, name)))
+            else:
+                setattr(new, name, InputRange(spec, new.act_range.device))
+        new.out_proj = QLinear.from_float(mod.out_proj, spec)  # one of its products: quantized with it
+        return new
 
 
 # the hooks a swapped module keeps (forward, backward and state-dict hooks)

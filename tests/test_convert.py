@@ -233,19 +233,16 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
     with caplog.at_level("INFO", logger="q8"):
         q8.convert(model, QuantConfig())
     report = q8.coverage(model)
-    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1}
-    # MultiheadAttention's out_proj is a Linear subclass (its forward is never called): not swapped
-    assert dict(report.unsupported) == {"GroupNorm": 1, "LayerNorm": 1, "MultiheadAttention": 1,
-                                        "NonDynamicallyQuantizableLinear": 1}
-    attn_params = sum(p.numel() for p in model.attn.parameters())
-    assert report.params["unsupported", "MultiheadAttention"] + report.params[
-        "unsupported", "NonDynamicallyQuantizableLinear"] == attn_params
-    quantized = sum(p.numel() for m in (model.conv, model.fc) for p in m.parameters())
+    # MultiheadAttention counts as one layer, its out_proj (whose weight its forward reads) with it
+    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1, "MultiheadAttention": 1}
+    assert dict(report.unsupported) == {"GroupNorm": 1, "LayerNorm": 1}
+    assert report.params["quantized", "MultiheadAttention"] == sum(p.numel() for p in model.attn.parameters())
+    quantized = sum(p.numel() for m in (model.conv, model.fc, model.attn) for p in m.parameters())
     assert report.share() == pytest.approx(quantized / sum(p.numel() for p in model.parameters()))
     line = report.summary()
-    assert "2 of 6 layers" in line and "MultiheadAttention" in line and "LayerNorm" in line
+    assert "3 of 5 layers" in line and "GroupNorm" in line and "LayerNorm" in line
     assert line in caplog.text
-    with pytest.raises(ValueError, match="strict.*MultiheadAttention"):
+    with pytest.raises(ValueError, match="strict.*LayerNorm"):
         q8.convert(Mixed(), QuantConfig(), strict=True)
     q8.convert(build("resnet20"), QuantConfig(), strict=True)  # nothing left in float: accepted
     fp32 = q8.coverage(q8.convert(build("resnet20"), QuantConfig.preset("fp32")))
