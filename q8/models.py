@@ -1,9 +1,10 @@
 """Float models: torchvision ResNet-18/50, MobileNetV2 and ShuffleNetV2 (each also with a stem for
-32x32-sized images, `_cifar`), and CIFAR-style ResNets. q8.convert quantizes them."""
+32x32-sized images, `_cifar`), CIFAR-style ResNets and a Vision Transformer. q8.convert quantizes them."""
 
 from __future__ import annotations
 
-from typing import Callable
+import inspect
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -110,6 +111,18 @@ def _shufflenet_v2(small_input: bool) -> Callable[..., nn.Module]:
     return build
 
 
+def vit(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, patch_size: int = 16, num_layers: int = 12,
+        num_heads: int = 12, hidden_dim: int = 768, mlp_dim: int = 3072, dropout: float = 0.0) -> nn.Module:
+    """torchvision's VisionTransformer (ViT-B/16 by default); image_size is the data's."""
+    if image_size % patch_size:
+        raise ValueError(f"patch_size {patch_size} must divide the image size {image_size}")
+    model = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim, mlp_dim,
+                                                 dropout=dropout, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv_proj = nn.Conv2d(in_channels, hidden_dim, patch_size, patch_size)
+    return model
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _torchvision_resnet("resnet18", small_input=False),
     "resnet50": _torchvision_resnet("resnet50", small_input=False),
@@ -120,6 +133,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "mobilenet_v2_cifar": _mobilenet_v2(small_input=True),
     "shufflenet_v2": _shufflenet_v2(small_input=False),
     "shufflenet_v2_cifar": _shufflenet_v2(small_input=True),
+    "vit": vit,
 }
 
 
@@ -133,8 +147,12 @@ def check_kwargs(name: str, kwargs: dict) -> None:
         raise TypeError(f"{name} does not take these arguments: {err}") from None
 
 
-def build(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
-    """A float model by name (see MODELS); pass it through q8.convert to quantize it."""
+def build(name: str, num_classes: int = 10, in_channels: int = 3, image_size: Optional[int] = None,
+          **kwargs) -> nn.Module:
+    """A float model by name (see MODELS); pass it through q8.convert to quantize it. image_size
+    (the data's) goes to the models that are built for one size (ViT) and is ignored by the rest."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; known: {sorted(MODELS)}")
+    if image_size is not None and "image_size" in inspect.signature(MODELS[name]).parameters:
+        kwargs.setdefault("image_size", image_size)
     return MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)

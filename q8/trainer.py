@@ -556,7 +556,8 @@ class Run:
 
 def build_model(cfg: TrainConfig, info: data.DatasetInfo, quantized: bool = True) -> nn.Module:
     """The run's float model passed through q8.convert (quantized=False: every bit-width off)."""
-    model = build(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels, **cfg.model.kwargs)
+    model = build(cfg.model.name, num_classes=info.num_classes, in_channels=info.in_channels, image_size=info.image_size,
+                  **cfg.model.kwargs)
     qc = quant_config(cfg)
     if not quantized:
         qc = dataclasses.replace(qc, weight_bits=None, act_bits=None, grad_bits=None, grad_weight_bits=None, overrides={})

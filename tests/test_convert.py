@@ -2,10 +2,12 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from torch import nn
 
 import q8
@@ -195,12 +197,16 @@ def test_presets():
     "name,in_channels,size,params",
     [("resnet20", 1, 28, 272_186), ("resnet56", 3, 32, 855_770), ("resnet18_cifar", 3, 32, 11_173_962),
      ("resnet18", 3, 64, 11_181_642), ("resnet50", 3, 64, 23_528_522), ("mobilenet_v2_cifar", 1, 28, 2_236_106),
-     ("shufflenet_v2_cifar", 1, 28, 1_263_422)],
+     ("shufflenet_v2_cifar", 1, 28, 1_263_422), ("vit_tiny", 1, 28, 5_353_738), ("vit_tiny", 3, 32, 5_362_762)],
 )
 def test_models(name, in_channels, size, params):
-    model = build(name, num_classes=10, in_channels=in_channels)
+    """Each model config (configs/model/<name>.yaml) builds the model for the data's channels and size."""
+    cfg = OmegaConf.load(Path(__file__).parents[1] / "configs" / "model" / f"{name}.yaml")
+    model = build(cfg.name, num_classes=10, in_channels=in_channels, image_size=size, **cfg.kwargs)
     assert sum(p.numel() for p in model.parameters()) == params
-    q8.convert(model, QuantConfig(), strict=True)  # every layer with parameters has a q8 version
+    # every layer with parameters has a q8 version (a ViT's LayerNorms and embeddings stay float)
+    q8.convert(model, QuantConfig(), strict=name != "vit_tiny")
+    assert q8.coverage(model).share() > 0.99
     assert model(torch.randn(2, in_channels, size, size)).shape == (2, 10)
     with pytest.raises(ValueError, match="unknown model"):
         build("vgg16")
