@@ -9,11 +9,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 from torch.nn.utils import parametrize
 
 from .config import QuantConfig
+from .diagnostics import uncalled_layers
 from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
                      QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear, QMultiheadAttention, QReLU,
                      RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
@@ -235,6 +236,9 @@ class Coverage:
     quantized: Counter = field(default_factory=Counter)  # type name -> modules
     float_by_config: Counter = field(default_factory=Counter)  # q8 could, the config keeps it float
     unsupported: Counter = field(default_factory=Counter)  # no quantized version of this type
+    # swapped, but a forward of an example never called it (its parent reads its weights): float in effect
+    bypassed: Counter = field(default_factory=Counter)
+    bypassed_names: list = field(default_factory=list)
     params: Counter = field(default_factory=Counter)  # ("quantized" | "float_by_config" | "unsupported", type) -> count
 
     def share(self) -> float:
@@ -244,34 +248,44 @@ class Coverage:
     def summary(self) -> str:
         total = sum(self.params.values())
         q = sum(self.quantized.values())
-        n = q + sum(self.float_by_config.values()) + sum(self.unsupported.values())
+        n = q + sum(self.float_by_config.values()) + sum(self.unsupported.values()) + sum(self.bypassed.values())
         line = f"q8.convert: {q} of {n} layers with parameters quantized ({100 * self.share():.1f}% of {total:,} parameters)"
         parts = [f"{c} {t} ({self.params['unsupported', t]:,} params)" for t, c in sorted(self.unsupported.items())]
         if parts:
             line += "; float, no q8 version: " + ", ".join(parts)
         if self.float_by_config:
             line += "; float by config: " + ", ".join(f"{c} {t}" for t, c in sorted(self.float_by_config.items()))
+        if self.bypassed:
+            names = ", ".join(self.bypassed_names[:3]) + (", ..." if len(self.bypassed_names) > 3 else "")
+            line += ("; BYPASSED, float in effect (swapped, but forward never calls them: the parent reads their "
+                     "weights itself): " + ", ".join(f"{c} {t}" for t, c in sorted(self.bypassed.items())) + f" ({names})")
         return line
 
     def as_dict(self) -> dict:
         return {
             "quantized_share_of_parameters": self.share(),
             "quantized": dict(self.quantized), "float_by_config": dict(self.float_by_config),
-            "unsupported": dict(self.unsupported),
+            "unsupported": dict(self.unsupported), "bypassed": dict(self.bypassed), "bypassed_layers": list(self.bypassed_names),
             "parameters": {f"{k}/{t}": v for (k, t), v in sorted(self.params.items())},
             "summary": self.summary(),
         }
 
 
-def coverage(model: nn.Module) -> Coverage:
+def coverage(model: nn.Module, example: Optional[Tensor] = None) -> Coverage:
     """Which layers of `model` are quantized, which stay float by the config, and which stay
     float because q8 has no quantized version of their type (by type, with parameter counts).
     Every module counts its own parameters (a parametrized layer: its parametrizations'
     originals too), and the layers inside a module q8 has no version of are counted each on its
     own: a block that holds a parameter of its own (ConvNeXt's layer scale) besides quantized
-    convolutions and linears reports those as quantized."""
+    convolutions and linears reports those as quantized.
+
+    example: an input batch. One training-mode forward of it (q8.diagnostics.uncalled_layers: no
+    gradients, nothing changed) finds swapped layers that forward never calls, because their parent
+    reads their weights itself (torchvision's Swin attention): they are reported as bypassed."""
     report = Coverage()
     seen: set[int] = set()
+    uncalled = uncalled_layers(model, example) if example is not None else set()
+    names = {id(m): n for n, m in model.named_modules()}
 
     def visit(module: nn.Module) -> None:
         if id(module) in seen or isinstance(module, parametrize.ParametrizationList):
@@ -285,6 +299,9 @@ def coverage(model: nn.Module) -> Coverage:
         if own:
             if kind not in SUPPORTED:
                 key = "unsupported"
+            elif module in uncalled:
+                key = "bypassed"
+                report.bypassed_names.append(names[id(module)])
             else:  # Range BN in float is float too: nothing of it is quantized
                 key = "quantized" if isinstance(module, ActivationRange) and not module.spec.is_float else "float_by_config"
             getattr(report, key)[kind.__name__] += 1

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import FLOAT_SPEC, ActivationRange, QConvNd, QLinear
+from .layers import FLOAT_SPEC, ActivationRange, InputRange, QConvNd, QLinear
 from .quantize import rounding_state, set_rounding_state
 
 KINDS = ("weight", "activation", "layer_grad", "weight_grad")
@@ -77,6 +77,23 @@ def _hooks(handles: list) -> Iterator[None]:
     finally:
         for h in handles:
             h.remove()
+
+
+def uncalled_layers(model: nn.Module, example: Tensor) -> set[nn.Module]:
+    """The quantized layers that one training-mode forward of `example` never calls. Their parent
+    reads their weights itself (torchvision's Swin attention passes qkv.weight to F.linear), so
+    they compute in float although convert swapped them. No gradients; every buffer and random
+    generator is left as it was (synchronized norms: every process must call it)."""
+    layers = [m for m in model.modules() if isinstance(m, ActivationRange) and not isinstance(m, InputRange)
+              and not m.spec.is_float]
+    called: set[int] = set()
+    was_training = model.training
+    model.train()
+    with _preserved(model), torch.no_grad(), _hooks([m.register_forward_hook(lambda m, i, o: called.add(id(m)))
+                                                     for m in layers]):
+        model(example)
+    model.train(was_training)
+    return {m for m in layers if id(m) not in called}
 
 
 def _backward_pass(model, inputs, targets, loss_fn, params) -> dict:

@@ -195,7 +195,8 @@ class Run:
 
         self.train_loader, self.val_loader, info = data.loaders(cfg.data, cfg.seed)
         self.model = build_model(cfg, info).to(self.device)
-        self.coverage = coverage(self.model)
+        self.coverage = coverage(self.model)  # and with the first batch: which layers forward calls
+        self.calls_checked = False
         if t.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.net: nn.Module = self.model
@@ -410,6 +411,11 @@ class Run:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             if t.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if not self.calls_checked:  # a swapped layer whose parent reads its weights would train in float
+                self.calls_checked = True
+                self.coverage = coverage(self.model, x)
+                if self.coverage.bypassed:
+                    log.warning("%s", self.coverage.summary())
             self.seed_step()
             if t.diagnostics_every and self.step % t.diagnostics_every == 0:
                 self.diagnostics(x, y)

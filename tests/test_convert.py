@@ -281,6 +281,48 @@ def test_coverage_counts_quantized_layers_inside_a_block_it_has_no_version_of():
     assert q8.coverage(nn.Sequential(shared, shared)).unsupported["ScaledBlock"] == 1  # one module, counted once
 
 
+class ReadsWeights(nn.Module):
+    """A parent that passes its children's weights to F.linear itself (as torchvision's Swin
+    attention does with qkv and proj), beside a child it calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(6, 6), nn.Linear(6, 6, bias=False)
+        self.called = nn.utils.parametrizations.weight_norm(nn.Linear(6, 3, bias=False))
+        self.norm = nn.BatchNorm1d(6)
+
+    def forward(self, x):
+        x = torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)
+        return self.called(self.norm(torch.nn.functional.linear(x, self.proj.weight)))
+
+
+def test_coverage_with_an_example_finds_layers_their_parent_bypasses():
+    """convert swaps qkv and proj, but forward never calls them: with an example batch coverage
+    reports them bypassed (float in effect), by name; the layers forward calls stay quantized, and
+    the check changes no buffer, gradient or random stream."""
+    model = q8.convert(ReadsWeights(), QuantConfig.preset("int8"))
+    x = torch.randn(8, 6)
+    assert q8.coverage(model).share() == 1.0  # by structure alone, all of it looks quantized
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    rng = torch.get_rng_state()
+    report = q8.coverage(model, x)
+    assert dict(report.bypassed) == {"Linear": 2} and report.bypassed_names == ["qkv", "proj"]
+    assert dict(report.quantized) == {"Linear": 1, "BatchNorm1d": 1}  # the parametrized one and the norm run
+    assert report.share() == pytest.approx(1 - (42 + 36) / sum(p.numel() for p in model.parameters()))
+    assert "BYPASSED" in report.summary() and "qkv, proj" in report.summary()
+    assert report.as_dict()["bypassed_layers"] == ["qkv", "proj"]
+    same = lambda a, b: torch.equal(a.float().nan_to_num(-7.0), b.float().nan_to_num(-7.0))  # NaN: no range yet
+    assert all(same(v, buffers[k]) for k, v in model.named_buffers()) and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for net, batch in ((build("resnet20"), torch.randn(2, 3, 16, 16)),
+                       (torchvision.models.mobilenet_v3_small(num_classes=5), torch.randn(2, 3, 32, 32))):
+        assert not q8.coverage(q8.convert(net, QuantConfig.preset("int8")), batch).bypassed  # no false alarms
+    swin = q8.convert(torchvision.models.swin_t(num_classes=5), QuantConfig.preset("int8"))
+    report = q8.coverage(swin, torch.randn(1, 3, 32, 32))
+    assert dict(report.bypassed) == {"Linear": 24} and all(n.endswith((".attn.qkv", ".attn.proj"))
+                                                           for n in report.bypassed_names)
+
+
 def test_override_that_matches_nothing_names_the_pattern():
     with pytest.raises(ValueError, match=r"\['layer_4\.\*'\] match no convertible layer"):
         q8.convert(build("resnet20"), QuantConfig(overrides={"layer_4.*": "float", "fc": "float"}))

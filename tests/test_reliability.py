@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from q8 import checkpoint, trainer
@@ -415,4 +417,27 @@ def test_a_vision_transformer_trains_and_evaluates_with_diagnostics(fm, tmp_path
     summary = trainer.train(cfg, tmp_path / "vit")
     assert summary["steps"] == 2 and summary["coverage"]["quantized"]["MultiheadAttention"] == 2
     assert set(summary["coverage"]["unsupported"]) == {"LayerNorm", "VisionTransformer", "Encoder"}
+    assert summary["coverage"]["bypassed"] == {}  # the first batch called every quantized layer
     assert trainer.evaluate_checkpoint(tmp_path / "vit" / "last.pt")["count"] == 96
+
+
+class ReadsItsHeadsWeights(nn.Module):
+    """A net whose forward passes its head's weight to F.linear itself: q8 swaps the head, but
+    it would train in float."""
+
+    def __init__(self, num_classes=10, in_channels=1, **_):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, 4, 3, stride=2)
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return F.linear(self.conv(x).mean((2, 3)), self.head.weight, self.head.bias)
+
+
+def test_the_first_batch_finds_layers_that_forward_bypasses(fm, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(trainer, "build", lambda name, **kwargs: ReadsItsHeadsWeights(**kwargs))
+    cfg = config(fm, max_steps=1)
+    with caplog.at_level("WARNING", logger="q8"):
+        summary = trainer.train(cfg, tmp_path / "bypass")
+    assert summary["coverage"]["bypassed_layers"] == ["head"] and summary["coverage"]["quantized"] == {"Conv2d": 1}
+    assert "BYPASSED" in caplog.text and "(head)" in caplog.text
