@@ -16,8 +16,8 @@ from torch.nn.utils import parametrize
 from .config import QuantConfig
 from .diagnostics import uncalled_layers
 from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
-                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QLinear, QMultiheadAttention, QReLU,
-                     RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
+                     QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QGroupNorm, QLayerNorm, QLinear,
+                     QMultiheadAttention, QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 log = logging.getLogger("q8")
@@ -27,10 +27,13 @@ CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.ConvTran
          nn.ConvTranspose2d: QConvTranspose2d, nn.ConvTranspose3d: QConvTranspose3d}
 NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d),
          nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
+# norms without batch statistics: quantized input and output gradient, whatever config.norm says
+SAMPLE_NORMS = {nn.LayerNorm: QLayerNorm, nn.GroupNorm: QGroupNorm}
 # q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
 FLOAT_OF = {QLinear: nn.Linear, QReLU: nn.ReLU, QMultiheadAttention: nn.MultiheadAttention,
-            **{q: kind for kind, q in CONVS.items()}, **{q: kind for kind, pair in NORMS.items() for q in pair}}
-SUPPORTED = (nn.Linear, nn.ReLU, nn.MultiheadAttention, *CONVS, *NORMS)
+            **{q: kind for kind, q in {**CONVS, **SAMPLE_NORMS}.items()},
+            **{q: kind for kind, pair in NORMS.items() for q in pair}}
+SUPPORTED = (nn.Linear, nn.ReLU, nn.MultiheadAttention, *CONVS, *NORMS, *SAMPLE_NORMS)
 # layers whose forward reads their children's weights directly (attention's out_proj): converted,
 # counted and unconverted whole, with their children
 WHOLE = (nn.MultiheadAttention,)
@@ -86,6 +89,9 @@ def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.M
         return QLinear.from_float(module, spec)
     if kind is nn.MultiheadAttention:
         return QMultiheadAttention.from_float(module, spec)
+    if kind in SAMPLE_NORMS:
+        quantized = spec.act_bits is not None or spec.grad_bits is not None
+        return SAMPLE_NORMS[kind].from_float(module, spec) if quantized else _plain(module, kind)
     range_bn, standard_bn = NORMS[kind]
     if config.norm == "range":
         return range_bn.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
@@ -115,6 +121,11 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
         new.out_proj = adopt(NonDynamicallyQuantizableLinear(out.in_features, out.out_features, out.bias is not None,
                                                              device="meta"), out)
         return new
+    elif kind is nn.LayerNorm:
+        new = nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None,
+                           device="meta")
+    elif kind is nn.GroupNorm:
+        new = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine, device="meta")
     else:
         new = kind(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
                    device="meta")
@@ -125,7 +136,7 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
     """The quantized replacement of one module, or None to keep it.
 
     Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.BatchNorm1d/2d/3d,
-    nn.ReLU (or q8's versions of them, or their parametrized forms) are swapped: a subclass may change forward in ways a quantized
+    nn.LayerNorm, nn.GroupNorm, nn.ReLU (or q8's versions of them, or their parametrized forms) are swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
     kind = _base_type(module)
@@ -143,8 +154,8 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
-    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention and
-    nn.BatchNorm1d/2d/3d (and nn.ReLU, when anything is quantized) of `model` in place (post-order)
+    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention,
+    nn.BatchNorm1d/2d/3d, nn.LayerNorm and nn.GroupNorm (and nn.ReLU, when anything is quantized) of `model` in place (post-order)
     and return it; torch's fused float inference paths above a quantized layer are turned off.
 
     The new layers reuse the original Parameter and buffer objects, so parameter names and

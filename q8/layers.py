@@ -1,5 +1,5 @@
 """Quantized layers: QConv1d/2d/3d, QConvTranspose1d/2d/3d, QLinear, QMultiheadAttention (gradients
-bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d.
+bifurcation), RangeBatchNorm1d/2d/3d, QBatchNorm1d/2d/3d, QLayerNorm, QGroupNorm.
 
 Each layer type keeps its arithmetic in one autograd Function; the products it needs live in an
 Ops object (ConvOps, ConvTransposeOps, LinearOps, PackedLinearOps), which is the seam where an integer backend plugs in.
@@ -1094,11 +1094,47 @@ class QBatchNormNd(_QuantizedNorm):
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and self.track_running_stats:
             return self._eval_forward(x)
-        s = self.spec
-        lo, hi = self._act_bounds(x)
-        if s.act_bits is not None:
-            x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
-        return quantize_grad(super().forward(x), s.grad_bits, s.grad_rounding, s.grad_range)
+        return _quantized_around(self, x, super().forward)
+
+
+def _quantized_around(layer: ActivationRange, x: Tensor, forward) -> Tensor:
+    """forward(Q_act_bits(x)), whose output gradient is quantized to grad_bits on its way back: a
+    layer without a product (a norm) between quantized layers, at the layer's spec."""
+    s = layer.spec
+    lo, hi = layer._act_bounds(x)
+    if s.act_bits is not None:
+        x = quantize(x, s.act_bits, rounding=s.act_rounding, lo=lo, hi=hi)
+    return quantize_grad(forward(x), s.grad_bits, s.grad_rounding, s.grad_range)
+
+
+class _QuantizedIO(ActivationRange):
+    """Mixed in before a norm without a q8 statistic of its own (nn.LayerNorm, nn.GroupNorm): a
+    quantized input and a quantized output gradient; its statistics stay float32, as in
+    QBatchNorm (the paper's Range BN replaces batch statistics only)."""
+
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_quant(spec, device=None if kwargs.get("device") == "meta" else kwargs.get("device"))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) if self.spec.is_float else _quantized_around(self, x, super().forward)
+
+
+class QLayerNorm(_QuantizedIO, nn.LayerNorm):
+    """nn.LayerNorm, its input and output gradient quantized (_QuantizedIO)."""
+
+    @classmethod
+    def from_float(cls, mod: nn.LayerNorm, spec: LayerQuant) -> "QLayerNorm":
+        new = cls(mod.normalized_shape, mod.eps, mod.elementwise_affine, mod.bias is not None, spec=spec, device="meta")
+        return adopt(new, mod)
+
+
+class QGroupNorm(_QuantizedIO, nn.GroupNorm):
+    """nn.GroupNorm, its input and output gradient quantized (_QuantizedIO)."""
+
+    @classmethod
+    def from_float(cls, mod: nn.GroupNorm, spec: LayerQuant) -> "QGroupNorm":
+        return adopt(cls(mod.num_groups, mod.num_channels, mod.eps, mod.affine, spec=spec, device="meta"), mod)
 
 
 class RangeBatchNorm1d(RangeBatchNormNd, nn.BatchNorm1d):

@@ -224,6 +224,7 @@ class Mixed(nn.Module):
         self.group_norm = nn.GroupNorm(2, 8)
         self.norm = nn.LayerNorm(8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.gru = nn.GRU(8, 8, batch_first=True)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -231,7 +232,7 @@ class Mixed(nn.Module):
         x = self.group_norm(x).transpose(1, 2)  # [B, HW, 8]
         x = self.norm(x)
         x = self.attn(x, x, x, need_weights=False)[0]
-        return self.fc(x.mean(1))
+        return self.fc(self.gru(x)[0].mean(1))
 
 
 def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
@@ -240,15 +241,15 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
         q8.convert(model, QuantConfig())
     report = q8.coverage(model)
     # MultiheadAttention counts as one layer, its out_proj (whose weight its forward reads) with it
-    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1, "MultiheadAttention": 1}
-    assert dict(report.unsupported) == {"GroupNorm": 1, "LayerNorm": 1}
+    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1, "MultiheadAttention": 1, "GroupNorm": 1, "LayerNorm": 1}
+    assert dict(report.unsupported) == {"GRU": 1}
     assert report.params["quantized", "MultiheadAttention"] == sum(p.numel() for p in model.attn.parameters())
-    quantized = sum(p.numel() for m in (model.conv, model.fc, model.attn) for p in m.parameters())
-    assert report.share() == pytest.approx(quantized / sum(p.numel() for p in model.parameters()))
+    assert report.share() == pytest.approx(1 - sum(p.numel() for p in model.gru.parameters()) /
+                                           sum(p.numel() for p in model.parameters()))
     line = report.summary()
-    assert "3 of 5 layers" in line and "GroupNorm" in line and "LayerNorm" in line
+    assert "5 of 6 layers" in line and "1 GRU" in line
     assert line in caplog.text
-    with pytest.raises(ValueError, match="strict.*LayerNorm"):
+    with pytest.raises(ValueError, match="strict.*GRU"):
         q8.convert(Mixed(), QuantConfig(), strict=True)
     q8.convert(build("resnet20"), QuantConfig(), strict=True)  # nothing left in float: accepted
     fp32 = q8.coverage(q8.convert(build("resnet20"), QuantConfig.preset("fp32")))

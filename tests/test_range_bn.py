@@ -1,4 +1,5 @@
-"""Range BN: the formula per constant, chunks of any shape, running statistics, exact gradients."""
+"""Range BN: the formula per constant, chunks of any shape, running statistics, exact gradients;
+the norms without batch statistics (QLayerNorm, QGroupNorm)."""
 
 import math
 
@@ -226,6 +227,64 @@ def test_quantized_standard_bn():
     lo, hi = q8.sample_mean_range(x)
     ref = nn.BatchNorm2d(3)(q8.quantize(x, 8, lo=lo, hi=hi))
     assert torch.allclose(qbn(x), ref, atol=1e-6)
+
+
+SAMPLE_NORMS = [
+    (lambda: nn.LayerNorm(6), q8.QLayerNorm, (5, 4, 6), lambda x, m: F.layer_norm(x, (6,), m.weight, m.bias)),
+    (lambda: nn.LayerNorm((3, 4), bias=False), q8.QLayerNorm, (5, 3, 4), lambda x, m: F.layer_norm(x, (3, 4), m.weight)),
+    (lambda: nn.GroupNorm(2, 6), q8.QGroupNorm, (5, 6, 3, 3), lambda x, m: F.group_norm(x, 2, m.weight, m.bias)),
+    (lambda: nn.GroupNorm(3, 6, affine=False), q8.QGroupNorm, (5, 6, 7), lambda x, m: F.group_norm(x, 3)),
+]
+
+
+@pytest.mark.parametrize("make,kind,shape,formula", SAMPLE_NORMS)
+def test_layer_and_group_norm_quantize_input_and_output_gradient(make, kind, shape, formula):
+    """forward = the norm of the 8-bit input (per-sample-mean range); the input and parameter
+    gradients = autograd of that norm applied to the 8-bit stochastic copy of the output gradient
+    (same draw); the float spec is torch's layer itself."""
+    torch.manual_seed(0)
+    float_norm = make()
+    for p in float_norm.parameters():
+        nn.init.normal_(p)
+    norm = kind.from_float(float_norm, LayerQuant())
+    x = torch.randn(shape, requires_grad=True) * torch.linspace(0.5, 3, shape[0]).view(-1, *[1] * (len(shape) - 1))
+    x = x.detach().requires_grad_()
+    y = norm(x)
+    lo, hi = q8.sample_mean_range(x)
+    xq = q8.quantize(x.detach(), 8, lo=lo, hi=hi).requires_grad_()
+    ref = formula(xq, norm)
+    assert torch.allclose(y, ref, atol=1e-6) and not torch.allclose(y, formula(x, norm), atol=1e-3)
+    g = torch.randn_like(y)
+    torch.manual_seed(5)
+    y.backward(g)
+    torch.manual_seed(5)
+    gq = q8.quantize_gradient(g, 8)
+    assert not torch.equal(gq, g)
+    params = list(norm.parameters())
+    expected = torch.autograd.grad(ref, [xq] + params, gq)
+    assert torch.allclose(x.grad, expected[0], atol=1e-5)
+    for p, e in zip(params, expected[1:]):
+        assert torch.allclose(p.grad, e, atol=1e-5)
+    plain = kind.from_float(make(), q8.layers.FLOAT_SPEC)
+    assert torch.equal(plain(x), type(float_norm).forward(plain, x))
+
+
+def test_layer_and_group_norm_convert_and_convert_back():
+    """int8 swaps LayerNorm and GroupNorm (Range BN or not: they have no batch statistics), fp32
+    keeps torch's layers; names are unchanged, each adds act_range; unconvert gives torch's back."""
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.GroupNorm(2, 6), nn.Flatten(2), nn.LayerNorm(4))
+    names = set(model.state_dict())
+    for preset in ("int8", "int8_batch_range"):
+        q8.convert(model, q8.QuantConfig.preset(preset))
+        assert type(model[1]) is q8.QGroupNorm and type(model[3]) is q8.QLayerNorm
+        assert set(model.state_dict()) == names | {"0.act_range", "1.act_range", "3.act_range"}
+    assert q8.coverage(model).share() == 1.0
+    q8.convert(model, q8.QuantConfig.preset("fp32"))
+    assert type(model[1]) is nn.GroupNorm and type(model[3]) is nn.LayerNorm
+    assert dict(q8.coverage(model).float_by_config) == {"Conv2d": 1, "GroupNorm": 1, "LayerNorm": 1}
+    q8.convert(model, q8.QuantConfig.preset("int8"))
+    q8.unconvert(model)
+    assert type(model[1]) is nn.GroupNorm and type(model[3]) is nn.LayerNorm and set(model.state_dict()) == names
 
 
 @pytest.mark.parametrize("shape", [(8, 3, 5, 5), (16, 2, 3, 3)])
