@@ -114,9 +114,10 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
     elif kind is nn.Linear:
         new = nn.Linear(module.in_features, module.out_features, module.bias is not None, device="meta")
     elif kind is nn.MultiheadAttention:
-        new = adopt(nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
-                                          module.bias_k is not None, module.add_zero_attn, module.kdim, module.vdim,
-                                          module.batch_first, device="meta"), module)
+        new = adopt(nn.MultiheadAttention(module.embed_dim, module.num_heads, module.dropout,
+                                          module.in_proj_bias is not None, module.bias_k is not None,
+                                          module.add_zero_attn, module.kdim, module.vdim, module.batch_first,
+                                          device="meta"), module)
         out = module.out_proj
         new.out_proj = adopt(NonDynamicallyQuantizableLinear(out.in_features, out.out_features, out.bias is not None,
                                                              device="meta"), out)
@@ -136,7 +137,8 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
     """The quantized replacement of one module, or None to keep it.
 
     Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.BatchNorm1d/2d/3d,
-    nn.LayerNorm, nn.GroupNorm, nn.ReLU (or q8's versions of them, or their parametrized forms) are swapped: a subclass may change forward in ways a quantized
+    nn.LayerNorm, nn.GroupNorm, nn.ReLU (or q8's versions of them, or their parametrized forms) are
+    swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
     kind = _base_type(module)
@@ -155,8 +157,8 @@ def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
     """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention,
-    nn.BatchNorm1d/2d/3d, nn.LayerNorm and nn.GroupNorm (and nn.ReLU, when anything is quantized) of `model` in place (post-order)
-    and return it; torch's fused float inference paths above a quantized layer are turned off.
+    nn.BatchNorm1d/2d/3d, nn.LayerNorm and nn.GroupNorm (and nn.ReLU, when anything is quantized) of
+    `model` in place (post-order) and return it; torch's fused float inference paths above a quantized layer are turned off.
 
     The new layers reuse the original Parameter and buffer objects, so parameter names and
     optimizer references stay valid (each quantized layer adds one `act_range` buffer to the
@@ -276,7 +278,8 @@ class Coverage:
         return {
             "quantized_share_of_parameters": self.share(),
             "quantized": dict(self.quantized), "float_by_config": dict(self.float_by_config),
-            "unsupported": dict(self.unsupported), "bypassed": dict(self.bypassed), "bypassed_layers": list(self.bypassed_names),
+            "unsupported": dict(self.unsupported), "bypassed": dict(self.bypassed),
+            "bypassed_layers": list(self.bypassed_names),
             "parameters": {f"{k}/{t}": v for (k, t), v in sorted(self.params.items())},
             "summary": self.summary(),
         }
