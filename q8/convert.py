@@ -18,6 +18,7 @@ from .diagnostics import uncalled_layers
 from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
                      QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QGroupNorm, QLayerNorm, QLinear,
                      QMultiheadAttention, QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
+from .recurrent import QGRU, QLSTM, QRNN, float_kwargs
 
 ModuleFilter = Callable[[nn.Module, str], bool]
 log = logging.getLogger("q8")
@@ -29,11 +30,12 @@ NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (Rang
          nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
 # norms without batch statistics: quantized input and output gradient, whatever config.norm says
 SAMPLE_NORMS = {nn.LayerNorm: QLayerNorm, nn.GroupNorm: QGroupNorm}
+RECURRENT = {nn.RNN: QRNN, nn.LSTM: QLSTM, nn.GRU: QGRU}
 # q8 layer -> the float layer it stands for (unconvert, and re-converting a converted model)
 FLOAT_OF = {QLinear: nn.Linear, QReLU: nn.ReLU, QMultiheadAttention: nn.MultiheadAttention,
-            **{q: kind for kind, q in {**CONVS, **SAMPLE_NORMS}.items()},
+            **{q: kind for kind, q in {**CONVS, **SAMPLE_NORMS, **RECURRENT}.items()},
             **{q: kind for kind, pair in NORMS.items() for q in pair}}
-SUPPORTED = (nn.Linear, nn.ReLU, nn.MultiheadAttention, *CONVS, *NORMS, *SAMPLE_NORMS)
+SUPPORTED = (nn.Linear, nn.ReLU, nn.MultiheadAttention, *CONVS, *NORMS, *SAMPLE_NORMS, *RECURRENT)
 # layers whose forward reads their children's weights directly (attention's out_proj): converted,
 # counted and unconverted whole, with their children
 WHOLE = (nn.MultiheadAttention,)
@@ -89,6 +91,8 @@ def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.M
         return QLinear.from_float(module, spec)
     if kind is nn.MultiheadAttention:
         return QMultiheadAttention.from_float(module, spec)
+    if kind in RECURRENT:
+        return RECURRENT[kind].from_float(module, spec)
     if kind in SAMPLE_NORMS:
         quantized = spec.act_bits is not None or spec.grad_bits is not None
         return SAMPLE_NORMS[kind].from_float(module, spec) if quantized else _plain(module, kind)
@@ -122,6 +126,10 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
         new.out_proj = adopt(NonDynamicallyQuantizableLinear(out.in_features, out.out_features, out.bias is not None,
                                                              device="meta"), out)
         return new
+    elif kind in RECURRENT:
+        new = adopt(kind(**float_kwargs(module), device="meta"), module)
+        new._init_flat_weights()  # torch's forward reads the adopted Parameters through this list
+        return new
     elif kind is nn.LayerNorm:
         new = nn.LayerNorm(module.normalized_shape, module.eps, module.elementwise_affine, module.bias is not None,
                            device="meta")
@@ -136,8 +144,8 @@ def _plain(module: nn.Module, kind: type) -> nn.Module:
 def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Module]:
     """The quantized replacement of one module, or None to keep it.
 
-    Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.BatchNorm1d/2d/3d,
-    nn.LayerNorm, nn.GroupNorm, nn.ReLU (or q8's versions of them, or their parametrized forms) are
+    Only exact nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.LSTM/GRU/RNN,
+    nn.BatchNorm1d/2d/3d, nn.LayerNorm, nn.GroupNorm, nn.ReLU (or q8's versions of them, or their parametrized forms) are
     swapped: a subclass may change forward in ways a quantized
     layer would silently drop.
     """
@@ -156,7 +164,7 @@ def _swap(module: nn.Module, name: str, config: QuantConfig) -> Optional[nn.Modu
 def convert(
     model: nn.Module, config: QuantConfig, module_filter_fn: Optional[ModuleFilter] = None, strict: bool = False,
 ) -> nn.Module:
-    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention,
+    """Swap nn.Conv1d/2d/3d, nn.ConvTranspose1d/2d/3d, nn.Linear, nn.MultiheadAttention, nn.LSTM/GRU/RNN,
     nn.BatchNorm1d/2d/3d, nn.LayerNorm and nn.GroupNorm (and nn.ReLU, when anything is quantized) of
     `model` in place (post-order) and return it; torch's fused float inference paths above a quantized layer are turned off.
 

@@ -160,10 +160,7 @@ class ActivationRange(nn.Module):
             if batch_range is None:
                 batch_range = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
             lo, hi = batch_range
-            with torch.no_grad():
-                batch = torch.stack([lo, hi]).to(self.act_range.dtype)
-                run = self.act_range
-                run.copy_(torch.where(torch.isnan(run), batch, torch.lerp(run, batch, self.spec.act_momentum)))
+            self.track_range(lo, hi)
         elif torch.isnan(self.act_range).any():  # never trained: the batch is all we know
             lo, hi = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
         else:
@@ -172,6 +169,13 @@ class ActivationRange(nn.Module):
             shape = (1, -1) + (1,) * (x.dim() - 2)
             return lo.view(shape), hi.view(shape)
         return lo, hi
+
+    def track_range(self, lo: Tensor, hi: Tensor) -> None:
+        """Fold a batch's (lo, hi) into the running range (PyTorch's momentum convention)."""
+        with torch.no_grad():
+            batch = torch.stack([lo, hi]).to(self.act_range.dtype)
+            run = self.act_range
+            run.copy_(torch.where(torch.isnan(run), batch, torch.lerp(run, batch, self.spec.act_momentum)))
 
     def batch_range_of(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """One (lo, hi) for the whole input, by spec.act_estimator."""

@@ -1,5 +1,6 @@
 """Float models: torchvision ResNet-18/50, MobileNetV2 and ShuffleNetV2 (each also with a stem for
-32x32-sized images, `_cifar`), CIFAR-style ResNets and a Vision Transformer. q8.convert quantizes them."""
+32x32-sized images, `_cifar`), CIFAR-style ResNets, a Vision Transformer and a recurrent net that
+reads images row by row. q8.convert quantizes them."""
 
 from __future__ import annotations
 
@@ -123,6 +124,33 @@ def vit(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, pa
     return model
 
 
+class RowRNN(nn.Module):
+    """A recurrent classifier that reads an image one row per time step (the row's pixels of every
+    channel: in_channels * image_size features), as in sequential-MNIST studies: an nn.LSTM or
+    nn.GRU, then a linear head on the last layer's final hidden state (both directions')."""
+
+    CELLS = {"lstm": nn.LSTM, "gru": nn.GRU}
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 28, cell: str = "lstm",
+                 hidden_size: int = 128, num_layers: int = 1, bidirectional: bool = False, dropout: float = 0.0):
+        super().__init__()
+        if cell not in self.CELLS:
+            raise ValueError(f"cell must be one of {sorted(self.CELLS)}, got {cell!r}")
+        self.image_size = image_size
+        self.rnn = self.CELLS[cell](in_channels * image_size, hidden_size, num_layers, batch_first=True,
+                                    dropout=dropout, bidirectional=bidirectional)
+        self.fc = nn.Linear(hidden_size * (2 if bidirectional else 1), num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        if w != self.image_size:
+            raise ValueError(f"RowRNN was built for rows of {self.image_size} pixels, got images {h}x{w}")
+        _, state = self.rnn(x.permute(0, 2, 1, 3).reshape(n, h, c * w))
+        h_n = state[0] if isinstance(state, tuple) else state  # (layers * directions, N, H)
+        last = h_n[-(2 if self.rnn.bidirectional else 1):]
+        return self.fc(last.transpose(0, 1).reshape(n, -1))
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": _torchvision_resnet("resnet18", small_input=False),
     "resnet50": _torchvision_resnet("resnet50", small_input=False),
@@ -134,6 +162,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenet_v2": _shufflenet_v2(small_input=False),
     "shufflenet_v2_cifar": _shufflenet_v2(small_input=True),
     "vit": vit,
+    "row_rnn": RowRNN,
 }
 
 

@@ -197,7 +197,8 @@ def test_presets():
     "name,in_channels,size,params",
     [("resnet20", 1, 28, 272_186), ("resnet56", 3, 32, 855_770), ("resnet18_cifar", 3, 32, 11_173_962),
      ("resnet18", 3, 64, 11_181_642), ("resnet50", 3, 64, 23_528_522), ("mobilenet_v2_cifar", 1, 28, 2_236_106),
-     ("shufflenet_v2_cifar", 1, 28, 1_263_422), ("vit_tiny", 1, 28, 5_353_738), ("vit_tiny", 3, 32, 5_362_762)],
+     ("shufflenet_v2_cifar", 1, 28, 1_263_422), ("vit_tiny", 1, 28, 5_353_738), ("vit_tiny", 3, 32, 5_362_762),
+     ("row_lstm", 1, 28, 82_186), ("row_lstm", 3, 32, 117_002)],
 )
 def test_models(name, in_channels, size, params):
     """Each model config (configs/model/<name>.yaml) builds the model for the data's channels and size."""
@@ -225,6 +226,7 @@ class Mixed(nn.Module):
         self.norm = nn.LayerNorm(8)
         self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
         self.gru = nn.GRU(8, 8, batch_first=True)
+        self.prelu = nn.PReLU(8)
         self.fc = nn.Linear(8, 4)
 
     def forward(self, x):
@@ -232,7 +234,7 @@ class Mixed(nn.Module):
         x = self.group_norm(x).transpose(1, 2)  # [B, HW, 8]
         x = self.norm(x)
         x = self.attn(x, x, x, need_weights=False)[0]
-        return self.fc(self.gru(x)[0].mean(1))
+        return self.fc(self.prelu(self.gru(x)[0].mean(1)))
 
 
 def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
@@ -241,15 +243,15 @@ def test_coverage_names_what_stays_float_and_strict_refuses_it(caplog):
         q8.convert(model, QuantConfig())
     report = q8.coverage(model)
     # MultiheadAttention counts as one layer, its out_proj (whose weight its forward reads) with it
-    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1, "MultiheadAttention": 1, "GroupNorm": 1, "LayerNorm": 1}
-    assert dict(report.unsupported) == {"GRU": 1}
+    assert dict(report.quantized) == {"Conv2d": 1, "Linear": 1, "MultiheadAttention": 1, "GroupNorm": 1, "LayerNorm": 1,
+                                      "GRU": 1}
+    assert dict(report.unsupported) == {"PReLU": 1}
     assert report.params["quantized", "MultiheadAttention"] == sum(p.numel() for p in model.attn.parameters())
-    assert report.share() == pytest.approx(1 - sum(p.numel() for p in model.gru.parameters()) /
-                                           sum(p.numel() for p in model.parameters()))
+    assert report.share() == pytest.approx(1 - 8 / sum(p.numel() for p in model.parameters()))
     line = report.summary()
-    assert "5 of 6 layers" in line and "1 GRU" in line
+    assert "6 of 7 layers" in line and "1 PReLU (8 params)" in line
     assert line in caplog.text
-    with pytest.raises(ValueError, match="strict.*GRU"):
+    with pytest.raises(ValueError, match="strict.*PReLU"):
         q8.convert(Mixed(), QuantConfig(), strict=True)
     q8.convert(build("resnet20"), QuantConfig(), strict=True)  # nothing left in float: accepted
     fp32 = q8.coverage(q8.convert(build("resnet20"), QuantConfig.preset("fp32")))

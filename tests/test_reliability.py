@@ -421,6 +421,17 @@ def test_a_vision_transformer_trains_and_evaluates_with_diagnostics(fm, tmp_path
     assert trainer.evaluate_checkpoint(tmp_path / "vit" / "last.pt")["count"] == 96
 
 
+def test_a_recurrent_net_trains_and_evaluates_with_diagnostics(fm, tmp_path):
+    """model=row_lstm through the trainer: the LSTM is quantized (nothing stays float), its every
+    quantized layer is called, diagnostics run, the checkpoint evaluates."""
+    cfg = config(fm, max_steps=2, diagnostics_every=1)
+    cfg.model.name, cfg.model.kwargs = "row_rnn", {"cell": "lstm", "hidden_size": 16, "num_layers": 2}
+    summary = trainer.train(cfg, tmp_path / "lstm")
+    assert summary["steps"] == 2 and summary["coverage"]["quantized"] == {"LSTM": 1, "Linear": 1}
+    assert summary["coverage"]["unsupported"] == {} and summary["coverage"]["bypassed"] == {}
+    assert trainer.evaluate_checkpoint(tmp_path / "lstm" / "last.pt")["count"] == 96
+
+
 class ReadsItsHeadsWeights(nn.Module):
     """A net whose forward passes its head's weight to F.linear itself: q8 swaps the head, but
     it would train in float."""
