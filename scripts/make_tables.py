@@ -304,6 +304,8 @@ ARCH_FAMILIES = [
     ("MobileNetV2 (width 0.5)", "arch_mobilenet_v2_fp32", "arch_mobilenet_v2_int8_chunks16", "arch_mobilenet_v2_int8_batch_range"),
     ("ResNet-20 (width 8)", "arch_resnet20_fp32", "arch_resnet20_int8", "arch_resnet20_int8_batch_range"),
     ("ShuffleNetV2 (width 0.5)", "arch_shufflenet_v2_fp32", "arch_shufflenet_v2_int8", "arch_shufflenet_v2_int8_batch_range"),
+    ("ViT (4 layers, width 64)", "arch_vit_w64_fp32", "arch_vit_w64_int8", "arch_vit_w64_int8_batch_range"),
+    ("LSTM over rows (128 units)", "arch_row_lstm_fp32", "arch_row_lstm_int8", "arch_row_lstm_int8_batch_range"),
 ]
 IMPROVED_TARGET = 1.0  # issue 11: int8_batch_range within 1 top-1 point of float32 (mean of 3 seeds)
 

@@ -29,7 +29,7 @@ IMAGENET.append("imagenet_resnet50_rangebn")
 FMNIST = ["fmnist_fp32", "fmnist_int8", "fmnist_int8_no_bifurcation", "fmnist_int8_fp32_wgrad", "fmnist_int8_batchnorm",
           "fmnist_rangebn_fp32", "fmnist_int8_rangebn_paper", "fmnist_int8_rangebn_reference"]
 # results/architectures.md: float32 vs the paper's int8 vs int8_batch_range per family, 3 seeds
-ARCH = [f"arch_{m}_{v}" for m in ("mobilenet_v2", "resnet20", "shufflenet_v2")
+ARCH = [f"arch_{m}_{v}" for m in ("mobilenet_v2", "resnet20", "shufflenet_v2", "vit_w64", "row_lstm")
         for v in ("fp32", "int8_chunks16" if m == "mobilenet_v2" else "int8", "int8_batch_range")]
 # the search that led there (MobileNetV2): one seed each, two where a row looked like a lead
 ARCH_SEARCH = [f"arch_mobilenet_v2_{v}" for v in ("rangebn_fp32", "int8_chunks1", "int8_batchnorm", "int8_chunks16_float_act",
