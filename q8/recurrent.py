@@ -134,7 +134,8 @@ class QRecurrent(ActivationRange):
         gx = BifurcatedProduct.apply(x, getattr(self, "weight_ih" + suffix), b_ih, LinearOps, spec, *x_bounds, None)
         w_hh = QuantizedWeight.apply(getattr(self, "weight_hh" + suffix), spec)
         hidden = _StepRange(self.hidden_ranges[k])
-        if getattr(self, "proj_size", 0):
+        projected = getattr(self, "proj_size", 0) > 0  # LSTM's h = W_hr (o * tanh(c))
+        if projected:
             w_hr, proj = QuantizedWeight.apply(getattr(self, "weight_hr" + suffix), spec), _StepRange(self.proj_ranges[k])
         gx = gx.unbind(1)  # one backward that stacks the steps' gradients (indexing gx[:, t] would fill a
         # gradient of all the steps at every step)
@@ -143,7 +144,7 @@ class QRecurrent(ActivationRange):
         for t in steps:
             gh = BifurcatedProduct.apply(h, w_hh, b_hh, LinearOps, once, *hidden.bounds(h), None)
             h_new, c_new = self._cell(gx[t], gh, h, c)
-            if getattr(self, "proj_size", 0):
+            if projected:
                 h_new = BifurcatedProduct.apply(h_new, w_hr, None, LinearOps, once, *proj.bounds(h_new), None)
             if mask is not None:  # past a sequence's end its state stands still and its output is zero
                 m = mask[:, t, None]
@@ -154,7 +155,7 @@ class QRecurrent(ActivationRange):
                 outputs[t] = h_new
             h, c = h_new, c_new
         hidden.track()
-        if getattr(self, "proj_size", 0):
+        if projected:
             proj.track()
         return torch.stack(outputs, dim=1), h, c
 
