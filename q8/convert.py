@@ -17,7 +17,8 @@ from .config import QuantConfig
 from .diagnostics import uncalled_layers
 from .layers import (ActivationRange, QBatchNorm1d, QBatchNorm2d, QBatchNorm3d, QConv1d, QConv2d, QConv3d,
                      QConvTranspose1d, QConvTranspose2d, QConvTranspose3d, QGroupNorm, QLayerNorm, QLinear,
-                     QMultiheadAttention, QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, adopt)
+                     QMultiheadAttention, QReLU, RangeBatchNorm1d, RangeBatchNorm2d, RangeBatchNorm3d, SyncBatchNorm1d,
+                     SyncBatchNorm2d, SyncBatchNorm3d, adopt)
 from .recurrent import QGRU, QLSTM, QRNN, float_kwargs
 
 ModuleFilter = Callable[[nn.Module, str], bool]
@@ -26,8 +27,9 @@ log = logging.getLogger("q8")
 # torch layer -> its quantized version(s)
 CONVS = {nn.Conv1d: QConv1d, nn.Conv2d: QConv2d, nn.Conv3d: QConv3d, nn.ConvTranspose1d: QConvTranspose1d,
          nn.ConvTranspose2d: QConvTranspose2d, nn.ConvTranspose3d: QConvTranspose3d}
-NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d), nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d),
-         nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d)}  # (Range BN, quantized standard BN)
+NORMS = {nn.BatchNorm1d: (RangeBatchNorm1d, QBatchNorm1d, SyncBatchNorm1d),
+         nn.BatchNorm2d: (RangeBatchNorm2d, QBatchNorm2d, SyncBatchNorm2d),
+         nn.BatchNorm3d: (RangeBatchNorm3d, QBatchNorm3d, SyncBatchNorm3d)}  # (Range BN, quantized BN, synchronized BN)
 # norms without batch statistics: quantized input and output gradient, whatever config.norm says
 SAMPLE_NORMS = {nn.LayerNorm: QLayerNorm, nn.GroupNorm: QGroupNorm}
 RECURRENT = {nn.RNN: QRNN, nn.LSTM: QLSTM, nn.GRU: QGRU}
@@ -96,7 +98,7 @@ def _new_layer(module: nn.Module, kind: type, spec, config: QuantConfig) -> nn.M
     if kind in SAMPLE_NORMS:
         quantized = spec.act_bits is not None or spec.grad_bits is not None
         return SAMPLE_NORMS[kind].from_float(module, spec) if quantized else _plain(module, kind)
-    range_bn, standard_bn = NORMS[kind]
+    range_bn, standard_bn, _ = NORMS[kind]
     if config.norm == "range":
         return range_bn.from_float(module, spec, chunks=config.range_bn_chunks, constant=config.range_bn_constant)
     if spec.act_bits is not None or spec.grad_bits is not None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .layers import QBatchNormNd, RangeBatchNormNd
+from .layers import (QBatchNormNd, RangeBatchNormNd, SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, SyncBatchNormNd,
+                     adopt)
+
+SYNC_OF = {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d, nn.BatchNorm3d: SyncBatchNorm3d}
 
 
 def setup(device: str = "auto") -> tuple[int, int, torch.device, bool]:
@@ -33,15 +35,18 @@ def setup(device: str = "auto") -> tuple[int, int, torch.device, bool]:
 
 
 def sync_norms(model: nn.Module) -> nn.Module:
-    """Global-batch statistics for every normalization: Range BN synchronizes itself, plain
-    nn.BatchNorm1d/2d/3d becomes nn.SyncBatchNorm. Call after q8.convert, before DDP."""
+    """Global-batch statistics for every batch norm: Range BN and the quantized standard BN
+    synchronize themselves over the process group; a float nn.BatchNorm1d/2d/3d becomes
+    q8.layers.SyncBatchNorm1d/2d/3d (any device and backend; torch's nn.SyncBatchNorm raises on
+    CPU) with the same Parameters and buffers. Call after q8.convert, before DDP."""
     for name, child in list(model.named_children()):
-        if type(child) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
-            setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
-        elif isinstance(child, RangeBatchNormNd):
+        if type(child) in SYNC_OF:
+            new = SYNC_OF[type(child)](child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, device="meta")
+            child = adopt(new, child)
+            setattr(model, name, child)
+        if isinstance(child, (RangeBatchNormNd, QBatchNormNd, SyncBatchNormNd)):
             child.process_group = dist.group.WORLD
-        elif isinstance(child, QBatchNormNd):
-            warnings.warn(f"{name}: quantized standard BN keeps per-process statistics under DDP", stacklevel=2)
         else:
             sync_norms(child)
     return model

@@ -897,6 +897,15 @@ def sample_channel_extremes(x: Tensor) -> tuple[Tensor, Tensor]:
     return xf.amax(dims), xf.amin(dims)
 
 
+def running_factor(norm: nn.Module) -> float:
+    """A batch norm's running-statistics factor for this batch (counting it), PyTorch's convention:
+    momentum, or a cumulative average when momentum is None; 0 when nothing is tracked."""
+    if not (norm.training and norm.track_running_stats):
+        return 0.0
+    norm.num_batches_tracked.add_(1)
+    return norm.momentum if norm.momentum is not None else 1.0 / float(norm.num_batches_tracked)
+
+
 def _stat_dtype(x: Tensor) -> torch.dtype:
     """Statistics in float32 at least (half precision cannot even hold the value count)."""
     return torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -1017,11 +1026,7 @@ class _QuantizedNorm(ActivationRange):
         return self.num_features  # normalization is per channel
 
     def _factor(self) -> float:
-        """PyTorch's convention: momentum, or a cumulative average when momentum is None."""
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        self.num_batches_tracked.add_(1)
-        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+        return running_factor(self)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         """Normalize with the running statistics; input and output gradient quantized."""
@@ -1075,7 +1080,7 @@ class RangeBatchNormNd(_QuantizedNorm):
         lo, hi = self._act_bounds(x, self.batch_range(highs, lows))
         act = (s.act_bits, lo, hi, s.act_rounding) if s.act_bits is not None else None
         grad = (s.grad_bits, s.grad_rounding, s.grad_range) if s.grad_bits is not None else None
-        group = self.process_group if self.training and dist.is_available() and dist.is_initialized() else None
+        group = _norm_group(self)
         # without a process group the divisor follows from the shape: computed here, where
         # torch.compile takes it as a constant (assume_constant_result), not inside the Function
         # (int(): under dynamic shapes, specialize on the count rather than break the graph)
@@ -1087,18 +1092,104 @@ class RangeBatchNormNd(_QuantizedNorm):
         return f"{super().extra_repr()}, chunks={self.chunks}, constant={self.constant}"
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the processes of `group`. Every process's loss depends on the sum,
+    so the gradient of each process's share is the sum of all processes' gradients."""
+
+    @staticmethod
+    def forward(ctx, t, group):
+        ctx.group = group
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, g):
+        g = g.clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g, None
+
+
+def global_batch_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], running_mean: Optional[Tensor],
+                      running_var: Optional[Tensor], factor: float, eps: float, group) -> Tensor:
+    """Training-mode batch norm over the global batch of every process in `group`, on any device
+    and backend: the per-channel sums, then the sums of squared deviations (two passes: no
+    cancellation), are summed over processes with their gradients (_AllReduceSum), so each process
+    gets the exact gradient of the global batch's statistics. Running statistics as F.batch_norm
+    (unbiased variance)."""
+    xf = _as(x, _stat_dtype(x))
+    dims, shape = [0] + list(range(2, x.dim())), (1, -1) + (1,) * (x.dim() - 2)
+    total = _AllReduceSum.apply(torch.cat([xf.sum(dims), xf.new_tensor([x.numel() // x.shape[1]])]), group)
+    count = total[-1].detach()
+    mean = total[:-1] / count
+    centered = xf - mean.view(shape)
+    var = _AllReduceSum.apply(centered.pow(2).sum(dims), group) / count
+    y = centered * torch.rsqrt(var + eps).view(shape)
+    if weight is not None:
+        y = y * weight.view(shape) + bias.view(shape)
+    if running_mean is not None and factor:
+        with torch.no_grad():
+            running_mean.lerp_(mean.to(running_mean.dtype), factor)
+            running_var.lerp_((var * count / (count - 1).clamp_min(1)).to(running_var.dtype), factor)
+    return _as(y, x.dtype)
+
+
+def _norm_group(layer: nn.Module):
+    """The process group a norm synchronizes over now: its own while training under one, else None."""
+    group = getattr(layer, "process_group", None)
+    return group if group is not None and layer.training and dist.is_available() and dist.is_initialized() else None
+
+
 class QBatchNormNd(_QuantizedNorm):
     """Standard BN with a quantized input and a quantized output gradient (an ablation), mixed in
-    before nn.BatchNorm1d / 2d / 3d."""
+    before nn.BatchNorm1d / 2d / 3d. process_group: statistics of the global batch
+    (q8.distributed.sync_norms sets it)."""
 
-    def __init__(self, *args, spec: LayerQuant = LayerQuant(), **kwargs):
+    def __init__(self, *args, spec: LayerQuant = LayerQuant(), process_group=None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.process_group = process_group
         self._init_quant(spec, device=None if kwargs.get("device") == "meta" else kwargs.get("device"))
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.training and self.track_running_stats:
             return self._eval_forward(x)
-        return _quantized_around(self, x, super().forward)
+        group = _norm_group(self)
+        if group is None:
+            return _quantized_around(self, x, super().forward)
+        self._check_input_dim(x)
+        factor = self._factor()
+        return _quantized_around(self, x, lambda v: global_batch_norm(
+            v, self.weight, self.bias, self.running_mean, self.running_var, factor, self.eps, group))
+
+
+class SyncBatchNormNd:
+    """Mixed in before nn.BatchNorm1d / 2d / 3d (SyncBatchNorm1d / 2d / 3d): the float batch norm
+    with statistics of the global batch while training under process_group (global_batch_norm),
+    on every device and backend; torch's nn.SyncBatchNorm runs on GPUs only, and DDP refuses it on
+    CPU. Otherwise exactly the torch layer, with its names. q8.distributed.sync_norms puts it in
+    place of the float batch norms a config keeps (the float32 baseline's)."""
+
+    process_group = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = _norm_group(self)
+        if group is None:
+            return super().forward(x)
+        self._check_input_dim(x)
+        return global_batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, running_factor(self),
+                                 self.eps, group)
+
+
+class SyncBatchNorm1d(SyncBatchNormNd, nn.BatchNorm1d):
+    """nn.BatchNorm1d, synchronized (SyncBatchNormNd)."""
+
+
+class SyncBatchNorm2d(SyncBatchNormNd, nn.BatchNorm2d):
+    """nn.BatchNorm2d, synchronized (SyncBatchNormNd)."""
+
+
+class SyncBatchNorm3d(SyncBatchNormNd, nn.BatchNorm3d):
+    """nn.BatchNorm3d, synchronized (SyncBatchNormNd)."""
 
 
 def _quantized_around(layer: ActivationRange, x: Tensor, forward) -> Tensor:

@@ -153,7 +153,11 @@ def test_1d_3d_and_transposed_networks_are_quantized_whole_and_train(build_net, 
     assert {type(m) for m in standard.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {
         standard_bn[k] for k in range_bn}
     synced = q8.distributed.sync_norms(q8.convert(build_net(), QuantConfig.preset("fp32", norm="batch")))
-    assert sum(isinstance(m, nn.SyncBatchNorm) for m in synced.modules()) == sum(quantized[k] for k in range_bn)
+    sync_of = {RangeBatchNorm1d: q8.layers.SyncBatchNorm1d, RangeBatchNorm2d: q8.layers.SyncBatchNorm2d,
+               RangeBatchNorm3d: q8.layers.SyncBatchNorm3d}  # the float BN of each rank, synchronized on any device
+    assert {type(m) for m in synced.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)} == {
+        sync_of[k] for k in range_bn}
+    assert sum(isinstance(m, q8.layers.SyncBatchNormNd) for m in synced.modules()) == sum(quantized[k] for k in range_bn)
 
 
 def test_convert_a_bare_layer_and_reject_bad_config():
