@@ -150,9 +150,11 @@ class ActivationRange(nn.Module):
         keeps channels apart: a per-input-channel scale factors out of its products), or 0."""
         return self.separate_channels() if self.spec.act_range == "channel" else 0
 
-    def _act_bounds(self, x: Tensor, batch_range: Optional[tuple] = None) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def _act_bounds(self, x: Tensor, batch_range: Optional[tuple] = None,
+                    track: bool = True) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """batch_range: the batch's sample-mean (lo, hi) when the caller has it already (per
-        channel, shape [C], when range_channels())."""
+        channel, shape [C], when range_channels()). track=False: training leaves the running
+        range to the caller (a recurrent layer folds its steps' ranges in once)."""
         if self.spec.act_bits is None:
             return None, None
         per_channel = self.range_channels() > 0
@@ -160,7 +162,8 @@ class ActivationRange(nn.Module):
             if batch_range is None:
                 batch_range = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
             lo, hi = batch_range
-            self.track_range(lo, hi)
+            if track:
+                self.track_range(lo, hi)
         elif torch.isnan(self.act_range).any():  # never trained: the batch is all we know
             lo, hi = self.batch_range(*sample_channel_extremes(x)) if per_channel else self.batch_range_of(x)
         else:

@@ -50,15 +50,10 @@ class _StepRange:
         self.source, self.seen = source, []
 
     def bounds(self, x: Tensor) -> tuple[Optional[Tensor], Optional[Tensor]]:
-        src = self.source
-        if src.spec.act_bits is None:
-            return None, None
-        if src.training or torch.isnan(src.act_range).any():
-            lo, hi = src.batch_range_of(x)
-            if src.training:
-                self.seen.append((lo, hi))
-            return lo, hi
-        return src.act_range[0], src.act_range[1]
+        lo, hi = self.source._act_bounds(x, track=False)
+        if self.source.training and lo is not None:
+            self.seen.append((lo, hi))
+        return lo, hi
 
     def track(self) -> None:
         if self.seen:
