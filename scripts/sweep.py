@@ -115,7 +115,11 @@ def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]
         subdir = next(c for c in cmd if c.startswith("hydra.sweep.subdir=")).split("=", 1)[1]
         for seed in use:
             for job in jobs(varying, [seed]):
-                out.append([cmd[0], "train.py", *fixed, *job, f"hydra.run.dir={root}/{subdir}"])
+                run = [cmd[0], "train.py", *fixed, *job, f"hydra.run.dir={root}/{subdir}"]
+                # two sweeps of a grid can name one run folder (a pair's extra seeds asked for again by
+                # --seeds): it is listed once, or a pool would train one folder twice at once
+                if all(run_folder(run) != run_folder(other) for other in out):
+                    out.append(run)
     return out
 
 

@@ -119,6 +119,9 @@ def test_sweep_jobs_lists_single_runs_seed_major_and_skips_ended_ones(tmp_path, 
     bits = sweep.single_runs("converged", tmp_path, [0], [])
     six = next(c for c in bits if "quant.grad_bits=6" in c and "name=conv_bits_grad" in c)
     assert f"hydra.run.dir={tmp_path}/${{name}}/grad_bits${{quant.grad_bits}}/seed${{seed}}" in six
+    # seed 3 is both the pair's extra seed and, with --seeds 3, every row's: its folder is listed once
+    folders = [sweep.run_folder(c) for c in sweep.single_runs("converged", tmp_path, [3], [])]
+    assert len(folders) == len(set(folders)) and tmp_path / "conv_int8" / "seed3" in folders
 
 
 def test_provenance_names_each_commit_and_its_rows(tmp_path):
