@@ -283,7 +283,18 @@ class LinearOps:
 
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        return F.linear(x, w, b)
+        if x.dim() <= 2:
+            return F.linear(x, w, b)
+        # F.linear returns a view of a 2-D product for some inputs of more dimensions; written into
+        # an output of the full shape, the product is one (BifurcatedProduct's output must not be
+        # a view) at no extra copy
+        out = x.new_empty(x.shape[:-1] + (w.shape[0],))
+        flat = x.reshape(-1, x.shape[-1])
+        if b is None:
+            torch.mm(flat, w.t(), out=out.view(-1, w.shape[0]))
+        else:
+            torch.addmm(b, flat, w.t(), out=out.view(-1, w.shape[0]))
+        return out
 
     @staticmethod
     def grad_input(g: Tensor, x: Tensor, w: Tensor) -> Tensor:
@@ -363,7 +374,7 @@ class BifurcatedProduct(torch.autograd.Function):
             if probe is not None:
                 probe["input"] = x.detach()
             with _no_autocast(x):
-                return ops.forward(_as(x, dtype), ctx.wq, _as(bias, dtype))
+                return _not_a_view(ops.forward(_as(x, dtype), ctx.wq, _as(bias, dtype)))
         # A large input is quantized and multiplied a slice of samples at a time, so the float
         # copy of the quantized input (and the backend's scratch) is slice-sized; what is kept
         # for backward is the 8-bit codes, not a float copy: the saved input shrinks 4x.
@@ -387,7 +398,7 @@ class BifurcatedProduct(torch.autograd.Function):
             # the share of inputs outside the quantizer's range, which it clips (their gradient
             # still passes straight through)
             probe["clipped"] = float(((x < act_lo) | (x > act_hi)).float().mean())
-        return out
+        return _not_a_view(out)
 
     @staticmethod
     def backward(ctx, g):
@@ -430,6 +441,16 @@ class BifurcatedProduct(torch.autograd.Function):
                 full = ops.grad_weight(_as(g, dtype), _as(probe["input"], dtype), ctx.wq)
                 _record(probe, "weight_grad", full, grad_w)
         return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+def _not_a_view(out: Tensor) -> Tensor:
+    """The product itself, copied where the backend returned a view (an unbatched convolution
+    does): autograd refuses in-place ops on a view made inside a custom Function, and a
+    ReLU(inplace=True) after the layer is one. Not under torch.compile, where the check would
+    break the graph (q8's own Ops return no views)."""
+    if torch.compiler.is_compiling():
+        return out
+    return out.clone() if out._is_view() else out
 
 
 def _quantize_weight(weight: Tensor, spec: LayerQuant, ops) -> Tensor:

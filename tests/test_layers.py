@@ -568,3 +568,46 @@ def test_batch_activation_estimator_takes_min_and_max_without_clipping(make):
 def test_unknown_activation_estimator_names_the_field():
     with pytest.raises(ValueError, match="act_estimator"):
         LayerQuant(act_estimator="percentile")
+
+
+@pytest.mark.parametrize("spec", [LayerQuant(None, None, None, None), LayerQuant(None, None, 16, 16), PAPER],
+                         ids=["float", "gradients_only", "paper"])
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Linear(2, 8), (1, 5, 5, 2)),  # F.linear of a >2-D input with bias returns a view of its 2-D product
+    (nn.Linear(3, 4, bias=False), (2, 3, 5, 3)),
+    (nn.Conv2d(3, 4, 3), (3, 8, 8)),  # unbatched: torch adds and removes the batch dimension as views
+    (nn.Conv1d(3, 4, 3), (3, 10)),
+], ids=["linear_4d", "linear_4d_no_bias", "conv2d_unbatched", "conv1d_unbatched"])
+def test_an_inplace_op_may_follow_a_layer_of_any_input_shape(layer, shape, spec):
+    """A layer's output is its own tensor, never a view made inside the autograd Function: autograd
+    refuses in-place ops on such a view (a ReLU(inplace=True) after the layer, as in Swin V2's
+    position-bias MLP). Nothing rounded, the layer and the ReLU match torch's."""
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    q = {nn.Linear: QLinear, nn.Conv2d: QConv2d, nn.Conv1d: QConv1d}[type(layer)].from_float(layer, spec)
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    y = F.relu(q(xs[0]), inplace=True)
+    y_float = nn.ReLU(inplace=True)(layer(xs[1]))
+    y.backward(torch.ones_like(y))
+    y_float.backward(torch.ones_like(y_float))
+    if spec.act_bits is None:
+        torch.testing.assert_close(y, y_float)
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-3, atol=1e-3)  # 16-bit gradient
+    else:
+        assert q8.cosine(y, y_float) > 0.99 and torch.isfinite(xs[0].grad).all()
+
+
+def test_a_product_a_backend_returns_as_a_view_is_copied():
+    """The guard for any Ops (an integer backend's too): a view it returns becomes the layer's own tensor."""
+    class ViewOps(q8.layers.LinearOps):
+        @staticmethod
+        def forward(x, w, b):
+            return F.linear(x, w, b).unsqueeze(0).squeeze(0)
+
+    layer = nn.Linear(3, 4)
+    x = torch.randn(5, 3, requires_grad=True)
+    for spec in (LayerQuant(None, None, 16, 16), PAPER):
+        lo, hi = torch.tensor(-3.0), torch.tensor(3.0)
+        y = q8.layers.BifurcatedProduct.apply(x, layer.weight, layer.bias, ViewOps, spec, lo, hi, None)
+        assert not y._is_view()
+        F.relu(y, inplace=True).sum().backward()
