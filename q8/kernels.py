@@ -14,7 +14,9 @@ results (tested), while stochastic rounding draws a different but equally unbias
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
 import shutil
 import time
@@ -194,8 +196,94 @@ def get(name: str) -> Callable:
         return fn
     compiled = _state["compiled"].get(name)
     if compiled is None:
-        compiled = _state["compiled"][name] = _timed(torch.compile(fn, dynamic=True), fn)
+        canonical = _per_channel_3d if name.startswith("range_bn") else _merged_dims
+        compiled = _state["compiled"][name] = _timed(canonical(torch.compile(fn, dynamic=True)), fn)
     return compiled
+
+
+# Each new rank (and each dimension of size 1) of a kernel's input is a new specialization for
+# torch.compile, and past dynamo's recompile limit (8) new ones run op by op: a model with
+# linear, convolution, attention and recurrent layers has more than 8. The kernels are
+# elementwise (or per channel, Range BN's), so they run on the input's fewest dimensions that
+# keep its ranges' broadcasting: a per-tensor range sees a 1-D input, per sample (N, M), per
+# channel (N, C, L). Row-major order is kept, so the stochastic rounding's hash of each
+# element's index draws what it would on the original shape.
+
+
+def _merged_dims(kernel: Callable) -> Callable:
+    """Call an elementwise kernel (input first, then ranges, scalars) on the input with its
+    adjacent dimensions merged wherever every range broadcasts alike, and shape the results back."""
+
+    def call(x: Tensor, *rest):
+        ranges = [i for i, a in enumerate(rest) if isinstance(a, Tensor) and a.dim() > 0]
+        plan = _merge_plan(tuple(x.shape), tuple(tuple(rest[i].shape) for i in ranges))
+        if plan is None:
+            return kernel(x, *rest)
+        x_shape, range_shapes, back = plan
+        args = list(rest)
+        for i, shape in zip(ranges, range_shapes):
+            args[i] = _alone(rest[i], shape)
+        return _shaped_back(kernel(_alone(x, x_shape), *args), back)
+
+    return call
+
+
+@functools.lru_cache(maxsize=1024)
+def _merge_plan(x_shape: tuple, range_shapes: tuple):
+    """(x's merged shape, each range's, {merged shape: original}) or None where x stays as it is."""
+    rank = len(x_shape)
+    padded = [(1,) * (rank - len(shape)) + shape for shape in range_shapes]
+    if rank <= 1 or any(len(shape) > rank for shape in padded):
+        return None
+    groups: list[tuple[tuple, list[int]]] = []
+    for d in range(rank):
+        if x_shape[d] == 1:  # a dimension of size 1 is no dimension (every range has 1 there)
+            continue
+        pattern = tuple(shape[d] != 1 for shape in padded)
+        if groups and groups[-1][0] == pattern:
+            groups[-1][1].append(d)
+        else:
+            groups.append((pattern, [d]))
+
+    def merged(shape) -> tuple:
+        return tuple(math.prod(shape[d] for d in dims) for _, dims in groups)
+
+    def merged_range(shape) -> tuple:  # one value is a 0-d range, however it came shaped
+        m = merged(shape)
+        return () if math.prod(m) == 1 else m
+
+    back = {merged_range(shape): shape for shape in padded}
+    x_merged = merged(x_shape) or (1,)
+    back[x_merged] = x_shape
+    return x_merged, [merged_range(shape) for shape in padded], back
+
+
+def _per_channel_3d(kernel: Callable) -> Callable:
+    """Call a Range BN kernel (per-channel sums, or a per-channel affine map) with every tensor
+    shaped like its input g seen as (N, C, L)."""
+
+    def call(g: Tensor, *rest):
+        if g.dim() == 3:
+            return kernel(g, *rest)
+        shape = (g.shape[0], g.shape[1], math.prod(g.shape[2:]))
+        args = [_alone(a, shape) if isinstance(a, Tensor) and a.shape == g.shape else a for a in (g, *rest)]
+        return _shaped_back(kernel(*args), {shape: tuple(g.shape)})
+
+    return call
+
+
+def _alone(t: Tensor, shape) -> Tensor:
+    """t reshaped, as a tensor of its own rather than a view: dynamo guards a view's base too, so
+    each base's rank would still be a specialization."""
+    return t.reshape(shape).detach()
+
+
+def _shaped_back(out, back: dict):
+    """Each result whose shape is a key of `back` gets the shape it maps to."""
+    if isinstance(out, tuple):
+        return tuple(_shaped_back(o, back) for o in out)
+    original = back.get(tuple(out.shape))
+    return out if original is None else out.view(original)
 
 
 def top(bits: int, like: Tensor) -> Tensor:

@@ -201,3 +201,36 @@ def test_backward_over_slices_of_the_batch_equals_the_whole(backend, monkeypatch
         for a, b in zip(grads[1 << 30], grads[60]):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-4), (type(layer).__name__, (a - b).abs().max())
     q8.seed_rounding(None)
+
+
+def test_one_compiled_kernel_serves_inputs_of_every_rank(backend):
+    """Linear, convolution, attention and recurrent layers feed the kernels inputs of ranks 1 to 5
+    (and dimensions of size 1); past dynamo's recompile limit (8) each new one would run op by op.
+    A per-tensor range sees a 1-D input, a per-sample one (N, M), a per-channel one (N, C, L):
+    one specialization each, and the results are those of the eager path."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    shapes = [(64,), (9, 7), (2, 9, 7), (3, 1, 5, 5), (2, 3, 4, 5, 6), (1, 1, 8), (5, 1)]
+    xs = [torch.randn(shape) * 2 for shape in shapes]
+    backend("compiled")
+    kernels._state["compiled"].clear()
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    compiled = {}
+    for x in xs:
+        compiled[x.shape] = (fake_quantize(x, 8, -1.5, 2.0), quantize_tensor(x, 8, "nearest", 0),
+                             quantize_with_codes(x, 8, *sample_mean_range(x) if x.dim() > 1 else (x.min(), x.max())))
+    graphs = counters["stats"]["unique_graphs"] - before
+    # nearest: 1-D (a scalar range), (N, M) with a range per row, and (N,) with one per row of one
+    # element ((5, 1)); own range: 1-D; with codes: 1-D. Each rank a graph of its own made 16.
+    assert graphs <= 5, graphs
+    backend("eager")
+    for x in xs:
+        nearest, per_row, (values, codes) = compiled[x.shape]
+        assert torch.equal(nearest, fake_quantize(x, 8, -1.5, 2.0))
+        assert torch.equal(per_row, quantize_tensor(x, 8, "nearest", 0))
+        lo, hi = sample_mean_range(x) if x.dim() > 1 else (x.min(), x.max())
+        eager_values, eager_codes = quantize_with_codes(x, 8, lo, hi)
+        assert torch.equal(values, eager_values) and torch.equal(codes.codes, eager_codes.codes)
+        assert codes.scale.shape == eager_codes.scale.shape and torch.equal(codes.dequantize(), eager_codes.dequantize())
