@@ -55,9 +55,9 @@ class GradientCopies:
         self.lo = self.hi = None  # no copy quantized (float layer gradients): no range to measure
         if bits != (None, None):
             self.lo, self.hi = tensor_range(g) if dim is None else channel_range(self.rotated, dim)
-        # fused for any range but the rotated one (whose copies are rotated back op by op): per-sample
-        # and per-channel ranges broadcast in the kernels as the tensor range does
-        self.fused = stochastic and self.rotation is None and kernels.fused() and g.numel() > 0
+        # fused for every range: per-sample and per-channel ranges broadcast in the kernels as the
+        # tensor range does, and a rotated gradient is rounded as any other, then rotated back
+        self.fused = stochastic and kernels.fused() and g.numel() > 0
         self.seed = rounding_seed(g, "stochastic") if self.fused else None
         self.noise = None
         if stochastic and not self.fused and bits != (None, None):
@@ -79,8 +79,9 @@ class GradientCopies:
         where a gradient small enough to hold both copies saves the second pass."""
         s = self.spec
         if self.fused and s.bifurcated and None not in (s.grad_bits, s.grad_weight_bits):
-            return kernels.get("gradient_copies")(self.g.detach(), self.lo, self.hi, kernels.top(s.grad_bits, self.g),
-                                                  kernels.top(s.grad_weight_bits, self.g), self.seed)
+            copies = kernels.get("gradient_copies")(self.rotated.detach(), self.lo, self.hi, kernels.top(s.grad_bits, self.g),
+                                                    kernels.top(s.grad_weight_bits, self.g), self.seed)
+            return tuple(self._rotated_back(copy) for copy in copies)
         return self.input(), self.weight()
 
     def _copy(self, bits: Optional[int], low_bits: bool, rows: Optional[slice]) -> Tensor:
@@ -93,11 +94,13 @@ class GradientCopies:
             if rows is not None and rows.start:
                 offset = torch.tensor(rows.start * (self.g.numel() // self.g.shape[0]), device=g.device)
             kernel = kernels.get("stochastic_low_bits" if low_bits else "stochastic")
-            return kernel(g.detach(), lo, hi, kernels.top(bits, g), self.seed, offset)
+            return self._rotated_back(kernel(g.detach(), lo, hi, kernels.top(bits, g), self.seed, offset))
         noise = self.noise if self.noise is None or rows is None else self.noise[rows]
         if noise is not None and low_bits:
             noise = (noise * 256).frac_()
-        copy = fake_quantize(g, bits, lo, hi, self.spec.grad_rounding, noise=noise)
+        return self._rotated_back(fake_quantize(g, bits, lo, hi, self.spec.grad_rounding, noise=noise))
+
+    def _rotated_back(self, copy: Tensor) -> Tensor:
         return copy if self.rotation is None else self.rotation.undo(copy, self.g.dtype)
 
 

@@ -73,10 +73,12 @@ def test_one_seed_one_result_and_independent_calls(backend):
         assert abs(torch.corrcoef(torch.stack([ea.flatten(), other.flatten()]))[0, 1]) < 0.05
 
 
-@pytest.mark.parametrize("grad_range", ["tensor", "sample", "channel"])
+@pytest.mark.parametrize("grad_range", ["tensor", "sample", "channel", "hadamard"])
 def test_fused_gradient_copies_are_unbiased_and_nearly_independent(backend, grad_range):
     """Both fused copies stay within one step of their own range's grid (the tensor's, each
-    sample's or each channel's), are unbiased, and their errors are nearly uncorrelated."""
+    sample's or each channel's), are unbiased, and their errors are nearly uncorrelated. Rotated
+    (hadamard), each sample's error is bounded in norm: the rotation is orthogonal, and a rotated
+    value is at most the sample's norm, so the rotated range at most twice it."""
     backend("compiled")
     torch.manual_seed(0)
     g = torch.randn(64, 48) * torch.logspace(-2, 1, 64).view(-1, 1)  # samples of very different scale
@@ -86,8 +88,17 @@ def test_fused_gradient_copies_are_unbiased_and_nearly_independent(backend, grad
     spec = LayerQuant(grad_range=grad_range)
     assert GradientCopies(g, spec).fused
     for i in range(draws):
-        g_in, g_w = gradient_copies(g, spec, True, True)
+        # one at a time, or both from one read of g (what a layer whose gradient fits one slice does)
+        g_in, g_w = GradientCopies(g, spec).both() if i % 2 else gradient_copies(g, spec, True, True)
         e8[i], e16[i] = (g_in - g).flatten(), (g_w - g).flatten()
+    if grad_range == "hadamard":
+        rows = g.norm(dim=1) * 2 * g.shape[1] ** 0.5 * 1.0001  # per sample: sqrt(M) steps of 2 |g_row| / levels
+        for e, levels in ((e8, 255), (e16, 65535)):
+            assert (e.view(draws, *g.shape).norm(dim=2) <= rows / levels + 1e-6).all()
+            assert (e.mean(0).abs() <= 5 * e.std(0) / draws**0.5 + 1e-7).all()  # unbiased
+        a, b = e8.flatten(), e16.flatten()
+        assert abs(float(((a - a.mean()) * (b - b.mean())).mean() / (a.std() * b.std()))) < 2 / 256
+        return
     lo, hi = {"tensor": (g.min(), g.max()), "sample": (g.amin(1, keepdim=True), g.amax(1, keepdim=True)),
               "channel": (g.amin(0, keepdim=True), g.amax(0, keepdim=True))}[grad_range]
     step8, step16 = ((hi - lo) / 255).expand_as(g).flatten(), ((hi - lo) / 65535).expand_as(g).flatten()
