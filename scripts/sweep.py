@@ -61,13 +61,15 @@ GRIDS: dict[str, list[tuple[list[str], list[int]]]] = {
         ([f"experiment={','.join(CONVERGED)}"], [0, 1, 2]),
         # int8 came out lower than float32 on the first seeds: where it loses comes before more seeds
         ([f"experiment={','.join(CONVERGED_DIAGNOSIS)}"], [0]),
-        # the other claims have no converged run yet, while the headline pair is resolved at 3 seeds
-        # (its interval excludes 0 and the margin): their first seeds come before its seeds 4 and 5
+        # the other claims had no converged run yet when the headline pair had 3 seeds: their first
+        # seeds came before the pair's further seeds
         ([f"experiment={','.join(CONVERGED_ABLATIONS)}"], [0]),
         (["experiment=conv_int8", "name=conv_bits_grad", f"quant.grad_bits={','.join(map(str, CONVERGED_GRAD_BITS))}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range", "quant.grad_bits=6", f"quant.grad_range={','.join(GRAD_RANGES)}"], [0]),
         (["experiment=conv_int8", "name=conv_grad_range8", f"quant.grad_range={','.join(GRAD_RANGES_AT_8)}"], [0]),
-        ([f"experiment={','.join(CONVERGED)}"], [3, 4]),  # 5 seeds: float32's seed spread was above 0.2
+        # seeds 3-5: both sides' seed spread came out near or above 0.2, and with 4-5 seeds the
+        # headline interval still reached past the 0.3 margin
+        ([f"experiment={','.join(CONVERGED)}"], [3, 4, 5]),
     ],
     # how the paper's int8 fails on MobileNetV2 and int8_batch_range does not: loss and gradient norm
     # every 5 steps, the diagnostics (clipped share, shadow cosines) every 10, in summary.json's history
