@@ -447,8 +447,8 @@ class BifurcatedProduct(torch.autograd.Function):
 
 
 def _not_a_view(out: Tensor) -> Tensor:
-    """The product itself, copied where the backend returned a view (an unbatched convolution
-    does): autograd refuses in-place ops on a view made inside a custom Function, and a
+    """The product itself, copied where an Ops returned a view (torch's unbatched convolution
+    would): autograd refuses in-place ops on a view made inside a custom Function, and a
     ReLU(inplace=True) after the layer is one. Not under torch.compile, where the check would
     break the graph (q8's own Ops return no views)."""
     if torch.compiler.is_compiling():

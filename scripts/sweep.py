@@ -110,7 +110,7 @@ def commands(grid: str, root: Path, seeds: list[int] | None, launcher: str, extr
 def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]) -> list[list[str]]:
     """Every run of the grid as its own `train.py` command, in grid order and seed-major within
     each sweep (every row's first seed before any row's second), landing where the multirun would."""
-    out = []
+    out, folders = [], set()
     for cmd, use in commands(grid, root, seeds, "basic", extra):
         fixed = [c for c in cmd[3:] if "=" in c and "," not in c.split("=", 1)[1] and not c.startswith(("seed=", "hydra.sweep."))]
         varying = [c for c in cmd[3:] if "," in c.split("=", 1)[-1] and not c.startswith("seed=")]
@@ -120,7 +120,8 @@ def single_runs(grid: str, root: Path, seeds: list[int] | None, extra: list[str]
                 run = [cmd[0], "train.py", *fixed, *job, f"hydra.run.dir={root}/{subdir}"]
                 # two sweeps of a grid can name one run folder (a pair's extra seeds asked for again by
                 # --seeds): it is listed once, or a pool would train one folder twice at once
-                if all(run_folder(run) != run_folder(other) for other in out):
+                if run_folder(run) not in folders:
+                    folders.add(run_folder(run))
                     out.append(run)
     return out
 
